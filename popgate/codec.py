@@ -1,0 +1,121 @@
+"""Byte-level codecs between the wire (CRLF, dot-stuffed) and the Maildir (LF) formats.
+
+* :class:`DataDecoder` reads an SMTP ``DATA`` stream (RFC 5321 §4.1.1.4, §4.5.2): only
+  ``CRLF.CRLF`` ends it; a leading dot is removed from lines that start with one; CRLF
+  becomes LF.  A bare CR or LF is never an end of line for the end-of-data test, only for
+  storage (``normalize``) or a reason to refuse the message (the caller decides, from
+  :attr:`DataDecoder.bare_newline`).
+* :class:`ChunkDecoder` does the same line-end conversion for ``BDAT`` chunks (RFC 3030),
+  which are counted, not dot-stuffed.
+* :class:`DotEncoder` turns stored bytes into a POP3 multi-line body (RFC 1939 §3): every
+  line end is sent as CRLF and every line that starts with ``.`` gets one more.
+
+Each works on whole chunks with ``bytes`` methods (no per-line Python loop) and carries at
+most a few bytes between chunks, so a line of any length never sits in memory.
+"""
+
+from __future__ import annotations
+
+_END_OF_DATA = b"\r\n.\r\n"
+
+
+def _held_back(buffer: bytes) -> int:
+    """Length of the longest suffix of ``buffer`` that could start ``CRLF.CRLF``."""
+    for length in range(min(len(_END_OF_DATA) - 1, len(buffer)), 0, -1):
+        if _END_OF_DATA.startswith(buffer[-length:]):
+            return length
+    return 0
+
+
+class DataDecoder:
+    """Incremental decoder of one SMTP DATA transfer."""
+
+    def __init__(self) -> None:
+        # The CRLF that ended the DATA command line: it makes "." on the very first line
+        # the end of data and lets ".." on the first line be unstuffed like any other.
+        self._pending = b"\r\n"
+        self._first = True
+        self.bare_newline = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes | None]:
+        """Decode ``data``; return (LF-terminated message bytes, bytes after the end).
+
+        The second item is None until ``CRLF.CRLF`` has been seen; after that it holds
+        whatever the client pipelined behind the message (possibly ``b""``).
+        """
+        buffer = self._pending + data
+        end = buffer.find(_END_OF_DATA)
+        if end >= 0:
+            self._pending = b""
+            return self._decode(buffer[: end + 2]), buffer[end + len(_END_OF_DATA):]
+        keep = _held_back(buffer)
+        self._pending = buffer[len(buffer) - keep:]
+        return self._decode(buffer[: len(buffer) - keep]), None
+
+    def _decode(self, body: bytes) -> bytes:
+        if not body:
+            return b""
+        # RFC 5321 §4.5.2: delete the first "." of every line that starts with one.
+        text = body.replace(b"\r\n.", b"\r\n")
+        if text.count(b"\n") != text.count(b"\r\n"):
+            self.bare_newline = True
+        text = text.replace(b"\r\n", b"\n")
+        if b"\r" in text:
+            self.bare_newline = True
+            text = text.replace(b"\r", b"\n")
+        if self._first:
+            self._first = False
+            text = text[1:]  # the virtual CRLF of the DATA command
+        return text
+
+
+class ChunkDecoder:
+    """CRLF -> LF for BDAT chunks; bare CR / LF are flagged and stored as LF."""
+
+    def __init__(self) -> None:
+        self._cr = b""
+        self.bare_newline = False
+
+    def feed(self, data: bytes, last: bool = False) -> bytes:
+        buffer = self._cr + data
+        self._cr = b""
+        if buffer.endswith(b"\r") and not last:
+            buffer, self._cr = buffer[:-1], b"\r"
+        if buffer.count(b"\n") != buffer.count(b"\r\n"):
+            self.bare_newline = True
+        text = buffer.replace(b"\r\n", b"\n")
+        if b"\r" in text:
+            self.bare_newline = True
+            text = text.replace(b"\r", b"\n")
+        return text
+
+
+class DotEncoder:
+    """Incremental encoder of one POP3 multi-line response body."""
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._cr = b""
+
+    def encode(self, block: bytes) -> bytes:
+        buffer = self._cr + block
+        self._cr = b""
+        if buffer.endswith(b"\r"):
+            # It may be half of a CRLF already in the file: decide with the next block.
+            buffer, self._cr = buffer[:-1], b"\r"
+        if not buffer:
+            return b""
+        text = buffer.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        text = text.replace(b"\n.", b"\n..")
+        if self._line_start and text.startswith(b"."):
+            text = b"." + text
+        self._line_start = text.endswith(b"\n")
+        return text
+
+    def finish(self) -> bytes:
+        """The end of the body and the terminating ``.CRLF`` (RFC 1939 §3)."""
+        tail = self._cr
+        self._cr = b""
+        if tail:
+            self._line_start = False
+        return tail + (b".\r\n" if self._line_start else b"\r\n.\r\n")

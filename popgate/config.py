@@ -1,0 +1,335 @@
+"""popgate's configuration: built-in defaults, then a TOML file, then command-line overrides.
+
+:func:`load` reads the file (if any), merges the overrides, validates every key once and
+returns a frozen :class:`Config`.  Any problem raises :class:`ConfigError`, whose message
+is one line naming the file, the key and the reason, e.g.::
+
+    etc/popgate.toml: smtp.max_message_size: expected an integer, got 'big'
+
+Relative paths are resolved against the current directory at load time, so that a later
+``chdir`` (twistd daemon mode) does not change their meaning.  Loading reads the file and
+checks that named certificate files are usable; it opens nothing else and starts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from popgate.addresses import AddressError, normalise_domain, normalise_user
+
+DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
+DEFAULT_POP3 = "tcp:1100:interface=127.0.0.1"
+DEFAULT_DATA_DIR = "./popgate-data"
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line to show the operator."""
+
+    def __init__(self, source: str, key: str, reason: str):
+        self.source, self.key, self.reason = source, key, reason
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str = ""  # "" = this machine's host name
+    data_dir: str = DEFAULT_DATA_DIR
+    users_file: str = ""  # "" = <data_dir>/users
+    domains: tuple[str, ...] = ()  # extra local domains; every user's domain is local anyway
+    postmaster: str = ""  # the user who receives postmaster@<every local domain>
+
+
+@dataclass(frozen=True)
+class SMTPConfig:
+    listen: tuple[str, ...] = (DEFAULT_SMTP,)
+    tls_listen: tuple[str, ...] = ()  # implicit TLS ("submissions"/SMTPS, RFC 8314)
+    lmtp_listen: tuple[str, ...] = ()  # LMTP (RFC 2033), e.g. "unix:/run/popgate/lmtp"
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_errors: int = 10
+    bare_newline: str = "normalize"  # or "reject"
+    command_timeout: float = 300.0  # RFC 5321 §4.5.3.2.7
+    data_timeout: float = 180.0  # RFC 5321 §4.5.3.2.5, per data block
+    max_session_time: float = 3600.0
+
+
+@dataclass(frozen=True)
+class POP3Config:
+    listen: tuple[str, ...] = (DEFAULT_POP3,)
+    tls_listen: tuple[str, ...] = ()  # implicit TLS (POP3S, RFC 8314)
+    apop: bool = False
+    auth_timeout: float = 60.0
+    idle_timeout: float = 600.0  # RFC 1939 §3: at least 10 minutes
+    max_session_time: float = 7200.0
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: str = ""  # PEM full chain, leaf first
+    key: str = ""  # PEM private key
+    allow_plaintext_auth: bool = False  # off-loopback, without TLS
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certificate)
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_sessions: int = 1000
+    max_sessions_per_ip: int = 20
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    auth_delay: float = 2.0
+    auth_delay_max: float = 15.0
+    auth_max_failures: int = 3
+    penalty_window: float = 300.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    smtp: SMTPConfig = field(default_factory=SMTPConfig)
+    pop3: POP3Config = field(default_factory=POP3Config)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    # "alias@domain" or "@domain" (catch-all) -> local users
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    source: str = "<defaults>"
+
+    @property
+    def mail_root(self) -> str:
+        return os.path.join(self.server.data_dir, "mail")
+
+    @property
+    def users_file(self) -> str:
+        return self.server.users_file or os.path.join(self.server.data_dir, "users")
+
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.gethostname()
+
+
+_SECTIONS = {
+    "server": ServerConfig,
+    "smtp": SMTPConfig,
+    "pop3": POP3Config,
+    "tls": TLSConfig,
+    "limits": LimitsConfig,
+}
+
+
+def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the effective Config: defaults < file at ``path`` < ``overrides``.
+
+    ``overrides`` maps dotted keys (``"smtp.listen"``) to values, as the command line gives.
+    """
+    source = path or "<defaults>"
+    raw = _read_toml(path) if path else {}
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        raw.setdefault(section, {})[key] = value
+    sections = {}
+    for name, table in raw.items():
+        if name == "aliases":
+            continue
+        if name not in _SECTIONS:
+            raise ConfigError(source, name, "unknown section")
+        if not isinstance(table, dict):
+            raise ConfigError(source, name, "must be a table")
+        sections[name] = _build_section(source, name, _SECTIONS[name], table)
+    aliases = _build_aliases(source, raw.get("aliases", {}))
+    config = Config(**sections, aliases=aliases, source=source)
+    return _resolve_paths(_validate(config))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(path, "", e.strerror or str(e)) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"TOML syntax error: {e}") from None
+
+
+def _build_section(source: str, name: str, cls: type, table: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in table.items():
+        if key not in hints:
+            raise ConfigError(source, f"{name}.{key}", "unknown key")
+        values[key] = _coerce(source, f"{name}.{key}", hints[key], value)
+    return cls(**values)
+
+
+def _coerce(source: str, key: str, hint: Any, value: Any) -> Any:
+    """Check ``value`` against the annotation; ints are accepted where floats are."""
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, f"expected a list of strings, got {value!r}")
+        return tuple(value)
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }[hint]
+    if not ok:
+        raise ConfigError(source, key, f"expected {expected[hint]}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _build_aliases(source: str, table: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(table, dict):
+        raise ConfigError(source, "aliases", "must be a table")
+    aliases = {}
+    for alias, targets in table.items():
+        key = f"aliases.{alias!r}"
+        try:
+            if alias.startswith("@"):
+                name = "@" + normalise_domain(alias[1:])
+            else:
+                name = normalise_user(alias)
+        except AddressError as e:
+            raise ConfigError(source, key, f"invalid alias: {e}") from None
+        targets = _coerce(source, key, tuple[str, ...], targets)
+        if not targets:
+            raise ConfigError(source, key, "an alias needs at least one user")
+        aliases[name] = tuple(_user(source, key, t) for t in targets)
+    return aliases
+
+
+def _user(source: str, key: str, name: str) -> str:
+    try:
+        return normalise_user(name)
+    except AddressError as e:
+        raise ConfigError(source, key, f"invalid user {name!r}: {e}") from None
+
+
+def _validate(config: Config) -> Config:
+    src = config.source
+    s, smtp, pop3, tls, limits = (
+        config.server, config.smtp, config.pop3, config.tls, config.limits)
+    for d in s.domains:
+        try:
+            normalise_domain(d)
+        except AddressError as e:
+            raise ConfigError(src, "server.domains", str(e)) from None
+    if s.postmaster:
+        _user(src, "server.postmaster", s.postmaster)
+    for key, endpoints in [("smtp.listen", smtp.listen), ("smtp.tls_listen", smtp.tls_listen),
+                           ("smtp.lmtp_listen", smtp.lmtp_listen), ("pop3.listen", pop3.listen),
+                           ("pop3.tls_listen", pop3.tls_listen)]:
+        for description in endpoints:
+            _check_endpoint(src, key, description)
+    if smtp.bare_newline not in ("normalize", "reject"):
+        raise ConfigError(src, "smtp.bare_newline", "must be \"normalize\" or \"reject\"")
+    for key, value in _positive_numbers(config):
+        if value <= 0:
+            raise ConfigError(src, key, f"must be greater than zero, got {value}")
+    if pop3.idle_timeout < 600:
+        raise ConfigError(src, "pop3.idle_timeout",
+                          "RFC 1939 §3 requires at least 600 seconds")
+    if limits.auth_delay_max < limits.auth_delay:
+        raise ConfigError(src, "limits.auth_delay_max", "must not be less than limits.auth_delay")
+    for net in limits.trusted_networks:
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError as e:
+            raise ConfigError(src, "limits.trusted_networks", str(e)) from None
+    _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen)
+    return config
+
+
+def _positive_numbers(config: Config):
+    for section in ("smtp", "pop3", "limits"):
+        obj = getattr(config, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                yield f"{section}.{f.name}", value
+
+
+def _check_endpoint(source: str, key: str, description: str) -> None:
+    """Parse an endpoint string the way twistd will, without listening."""
+    from twisted.internet.endpoints import serverFromString
+    from twisted.internet.testing import MemoryReactor
+
+    if description.startswith("systemd:"):
+        # Only resolvable under systemd (LISTEN_FDS); check the form, not the inheritance.
+        if "index=" not in description and "name=" not in description:
+            raise ConfigError(source, key, f"{description!r}: systemd endpoints need "
+                                           "index= or name=")
+        return
+    try:
+        endpoint = serverFromString(MemoryReactor(), description)
+    except (ValueError, TypeError, KeyError, IndexError, OSError) as e:
+        raise ConfigError(source, key, f"bad endpoint {description!r}: {e}") from None
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise ConfigError(source, key, f"bad endpoint {description!r}: port out of range")
+
+
+def _check_tls(source: str, tls: TLSConfig, needs_certificate: bool) -> None:
+    if bool(tls.certificate) != bool(tls.key):
+        missing = "tls.key" if tls.certificate else "tls.certificate"
+        raise ConfigError(source, missing, "tls.certificate and tls.key go together")
+    if needs_certificate and not tls.certificate:
+        raise ConfigError(source, "tls.certificate", "required by the tls_listen endpoints")
+    if tls.certificate:
+        from popgate.tls import TLSConfigError, check_certificate_files
+
+        try:
+            check_certificate_files(tls.certificate, tls.key)
+        except TLSConfigError as e:
+            raise ConfigError(source, "tls.certificate", str(e)) from None
+
+
+def _resolve_paths(config: Config) -> Config:
+    server = dataclasses.replace(
+        config.server,
+        data_dir=os.path.abspath(config.server.data_dir),
+        users_file=os.path.abspath(config.server.users_file) if config.server.users_file else "",
+    )
+    tls = config.tls
+    if tls.certificate:
+        tls = dataclasses.replace(tls, certificate=os.path.abspath(tls.certificate),
+                                  key=os.path.abspath(tls.key))
+    return dataclasses.replace(config, server=server, tls=tls)
+
+
+def dump(config: Config) -> str:
+    """Render the effective configuration as TOML (for ``popgate config check``)."""
+    lines = [f"# effective configuration from {config.source}"]
+    for name in _SECTIONS:
+        section = getattr(config, name)
+        lines.append(f"\n[{name}]")
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+    lines.append("\n[aliases]")
+    for alias, targets in config.aliases.items():
+        lines.append(f"{_toml_value(alias)} = {_toml_value(targets)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+

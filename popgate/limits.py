@@ -1,0 +1,142 @@
+"""Abuse brakes shared by the SMTP and POP3 listeners.
+
+* :class:`ConnectionLimiter` caps sessions in total and per client IP (trusted networks
+  exempt from the per-IP cap); a refused connection is answered and closed by the caller.
+* :class:`AuthPenalty` remembers failed logins per client IP for a window and says how
+  long the next answer must be delayed: ``base * 2**(failures-1)`` capped at ``maximum``
+  (2 s doubling to 15 s, as Dovecot does).  The same wrong password repeated (a client
+  with a stale password retrying) counts once, so it does not escalate without end.
+* :class:`LogLimiter` lets each distinct refusal through to the log once per interval.
+
+All state is in memory, per process, touched only from the reactor thread; time comes
+from an injected ``IReactorTime`` so tests drive it with ``task.Clock``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+
+def parse_networks(networks: Iterable[str]) -> tuple[ipaddress._BaseNetwork, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in networks)
+
+
+def in_networks(host: str, networks: Iterable[ipaddress._BaseNetwork]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # UNIX sockets and the like: not a network peer
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in net for net in networks if net.version == address.version)
+
+
+def is_loopback(host: str) -> bool:
+    """True for loopback peers and for UNIX sockets (local by construction)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    if address.version == 6 and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class ConnectionLimiter:
+    """Counts open sessions; :meth:`acquire` refuses over the caps."""
+
+    def __init__(self, max_total: int, max_per_ip: int, trusted=()):
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.trusted = tuple(trusted)
+        self.total = 0
+        self._per_ip: Counter[str] = Counter()
+
+    def acquire(self, host: str) -> str | None:
+        """Count a new session from ``host``; return a refusal reason instead if over a cap."""
+        if self.total >= self.max_total:
+            return "too many sessions"
+        if self._per_ip[host] >= self.max_per_ip and not in_networks(host, self.trusted):
+            return "too many sessions from your address"
+        self.total += 1
+        self._per_ip[host] += 1
+        return None
+
+    def release(self, host: str) -> None:
+        self.total -= 1
+        self._per_ip[host] -= 1
+        if self._per_ip[host] <= 0:
+            del self._per_ip[host]
+
+
+@dataclass
+class _Failures:
+    count: int = 0
+    last: float = 0.0
+    secrets: set[bytes] = field(default_factory=set)
+
+
+class AuthPenalty:
+    """Per-IP memory of failed logins, and the delay they earn."""
+
+    def __init__(self, clock, base: float, maximum: float, window: float):
+        self._clock = clock
+        self.base, self.maximum, self.window = base, maximum, window
+        self._failures: dict[str, _Failures] = {}
+
+    def delay(self, host: str) -> float:
+        """Seconds to wait before answering a failed login from ``host``."""
+        failures = self._current(host)
+        if failures is None or failures.count == 0:
+            return 0.0
+        return min(self.base * 2 ** (failures.count - 1), self.maximum)
+
+    def failed(self, host: str, username: bytes, password: bytes) -> None:
+        """Record a failure; a repeat of the same username+password is counted once."""
+        failures = self._current(host) or self._failures.setdefault(host, _Failures())
+        fingerprint = hashlib.sha256(username + b"\0" + password).digest()[:8]
+        if fingerprint not in failures.secrets:
+            failures.secrets.add(fingerprint)
+            failures.count += 1
+        failures.last = self._clock.seconds()
+        self._expire_some()
+
+    def succeeded(self, host: str) -> None:
+        self._failures.pop(host, None)
+
+    def _current(self, host: str) -> _Failures | None:
+        failures = self._failures.get(host)
+        if failures and self._clock.seconds() - failures.last > self.window:
+            del self._failures[host]
+            return None
+        return failures
+
+    def _expire_some(self) -> None:
+        # Bounded memory under a spray from many addresses: drop expired entries as we go.
+        if len(self._failures) > 10_000:
+            now = self._clock.seconds()
+            for host in [h for h, f in self._failures.items() if now - f.last > self.window]:
+                del self._failures[host]
+
+
+class LogLimiter:
+    """Allow a given log key at most once per ``interval`` seconds."""
+
+    def __init__(self, clock, interval: float = 60.0):
+        self._clock = clock
+        self.interval = interval
+        self._last: dict[object, float] = {}
+
+    def allow(self, key: object) -> bool:
+        now = self._clock.seconds()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = now
+        return True

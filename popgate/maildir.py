@@ -1,0 +1,304 @@
+"""A Twisted-free Maildir store: durable delivery, cheap listings, a cross-process lock.
+
+Layout: ``<root>/<domain>/<local>/Maildir/{tmp,new,cur}``, built only from a
+:class:`~popgate.users.User` that exists, never from client input.
+
+File names (https://cr.yp.to/proto/maildir.html plus Dovecot's size fields)::
+
+    <secs>.M<usecs>P<pid>Q<seq>R<random>.<host>,S=<bytes>,W=<crlf-octets>[:2,<flags>]
+
+``S=`` is the stored size (LF line ends, the Maildir convention) and ``W=`` the size with
+CRLF line ends, i.e. what POP3 sends; so STAT and LIST need one directory scan and no
+``open`` or ``stat`` per message.  Files written by other tools without ``W=`` are sized
+by reading them once per process.  The UIDL of a message is the unique part of its name
+(before ``,`` and ``:``), so it survives ``new/`` -> ``cur/`` renames and restarts.
+
+Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and the
+directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
+stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.
+
+Concurrency: any number of writers may deliver at once (unique names).  A POP3 session
+holds :class:`MailboxLock`, an ``flock`` on ``<Maildir>/popgate.lock``, which also excludes
+other popgate processes sharing the mail root.  Every method here may block on the disk;
+the Twisted layer calls the slow ones (:func:`commit`, :meth:`Maildir.scan`,
+:meth:`Maildir.remove`) from a thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+STALE_TMP_AGE = 36 * 3600  # the Maildir specification's 36 hours
+LOCK_NAME = "popgate.lock"
+_UIDL_CHARS = frozenset(range(0x21, 0x7F))  # RFC 1939 §7: 0x21-0x7E
+_MAX_UIDL = 70
+_READ_BLOCK = 1 << 20
+
+
+class MailboxLocked(Exception):
+    """Another session (in this process or another) holds the mailbox lock."""
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message as listed by a scan."""
+
+    path: str
+    uidl: str
+    octets: int  # size with CRLF line ends: what POP3 LIST reports and RETR sends
+    seen: bool  # in cur/ (a POP3 client has already retrieved it)
+
+
+class Maildir:
+    """One user's Maildir directory."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._foreign_sizes: dict[str, int] = {}
+
+    def create(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+
+    def lock(self) -> MailboxLock:
+        """Take the exclusive POP3 lock, or raise MailboxLocked at once."""
+        return MailboxLock(os.path.join(self.path, LOCK_NAME))
+
+    def scan(self) -> list[MessageInfo]:
+        """List ``new/`` and ``cur/`` in delivery order, without opening any message."""
+        entries = []
+        for sub in ("new", "cur"):
+            directory = os.path.join(self.path, sub)
+            try:
+                with os.scandir(directory) as it:
+                    names = [e.name for e in it if not e.name.startswith(".")]
+            except FileNotFoundError:
+                continue
+            entries.extend((_order_key(n), sub, n) for n in names)
+        entries.sort()
+        return [self._info(sub, name) for _, sub, name in entries]
+
+    def _info(self, sub: str, name: str) -> MessageInfo:
+        path = os.path.join(self.path, sub, name)
+        base = name.split(":", 1)[0]
+        unique, *fields = base.split(",")
+        sizes = dict(f.split("=", 1) for f in fields if "=" in f)
+        octets = sizes.get("W", "")
+        if octets.isdigit():
+            size = int(octets)
+        else:
+            size = self._foreign_sizes.get(name)
+            if size is None:
+                size = self._foreign_sizes[name] = crlf_size(path)
+        return MessageInfo(path, make_uidl(unique), size, sub == "cur")
+
+    def remove(self, messages: Iterable[MessageInfo]) -> None:
+        """Unlink messages (already gone is fine) and make the removal durable."""
+        directories = set()
+        for message in messages:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(message.path)
+            directories.add(os.path.dirname(message.path))
+        for directory in directories:
+            fsync_directory(directory)
+
+    def mark_seen(self, messages: Iterable[MessageInfo]) -> None:
+        """Move retrieved messages from ``new/`` to ``cur/`` with the Seen flag."""
+        cur = os.path.join(self.path, "cur")
+        moved = False
+        for message in messages:
+            if message.seen:
+                continue
+            name = os.path.basename(message.path)
+            try:
+                os.rename(message.path, os.path.join(cur, name + ":2,S"))
+                moved = True
+            except FileNotFoundError:
+                pass
+        if moved:
+            fsync_directory(cur)
+            fsync_directory(os.path.join(self.path, "new"))
+
+
+class MailboxLock:
+    """An exclusive, non-blocking ``flock`` held until :meth:`release`."""
+
+    def __init__(self, path: str):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise MailboxLocked(path) from None
+            raise
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class MaildirStore:
+    """All Maildirs under one mail root, and the names of new messages."""
+
+    def __init__(self, root: str, hostname: str):
+        self.root = root
+        # Maildir names must not contain '/' or ':' (cr.yp.to/proto/maildir.html).
+        self._host = hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
+        self._sequence = itertools.count(1)
+        self._maildirs: dict[str, Maildir] = {}
+
+    def maildir(self, user) -> Maildir:
+        """The Maildir of an existing :class:`~popgate.users.User` (created on first use)."""
+        maildir = self._maildirs.get(user.name)
+        if maildir is None:
+            path = os.path.join(self.root, user.domain, user.local, "Maildir")
+            maildir = Maildir(path)
+            maildir.create()
+            self._maildirs[user.name] = maildir
+        return maildir
+
+    def unique_name(self) -> str:
+        now = time.time()
+        secs, usecs = int(now), int((now % 1) * 1_000_000)
+        return (f"{secs}.M{usecs}P{os.getpid()}Q{next(self._sequence)}"
+                f"R{secrets.token_hex(8)}.{self._host}")
+
+    def new_message(self, maildir: Maildir) -> IncomingMessage:
+        """Open a new message in ``maildir``'s ``tmp/``; nothing is visible until commit."""
+        return IncomingMessage(maildir, self.unique_name())
+
+    def clean_tmp(self, max_age: float = STALE_TMP_AGE, now: float | None = None) -> int:
+        """Remove ``tmp/`` files older than ``max_age`` seconds in every Maildir."""
+        now = time.time() if now is None else now
+        removed = 0
+        for tmp in self._tmp_directories():
+            with os.scandir(tmp) as it:
+                for entry in it:
+                    try:
+                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
+                            os.unlink(entry.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
+
+    def _tmp_directories(self) -> Iterable[str]:
+        for domain in _subdirectories(self.root):
+            for local in _subdirectories(domain):
+                tmp = os.path.join(local, "Maildir", "tmp")
+                if os.path.isdir(tmp):
+                    yield tmp
+
+
+class IncomingMessage:
+    """A message being written to ``tmp/``; the caller feeds LF-terminated bytes."""
+
+    def __init__(self, maildir: Maildir, unique: str):
+        self.maildir = maildir
+        self.unique = unique
+        self.tmp_path = os.path.join(maildir.path, "tmp", unique)
+        self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit/abort
+        self.size = 0
+        self.lines = 0
+        self.final_path: str | None = None
+
+    def write(self, data: bytes) -> None:
+        self._file.write(data)
+        self.size += len(data)
+        self.lines += data.count(b"\n")
+
+    @property
+    def final_name(self) -> str:
+        return f"{self.unique},S={self.size},W={self.size + self.lines}"
+
+    def flush_and_sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    def abort(self) -> None:
+        """Forget the message: close and remove the ``tmp/`` file."""
+        if not self._file.closed:
+            self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.tmp_path)
+
+
+def commit(messages: list[IncomingMessage]) -> None:
+    """Make messages durable and visible: fsync each, rename into ``new/``, fsync ``new/``.
+
+    Several messages (the copies of one delivery, or a group of deliveries) share the
+    directory fsyncs.  Slow: run it in a thread.  On error, every message is aborted.
+    """
+    try:
+        for message in messages:
+            message.flush_and_sync()
+        directories = set()
+        for message in messages:
+            new = os.path.join(message.maildir.path, "new")
+            message.final_path = os.path.join(new, message.final_name)
+            os.rename(message.tmp_path, message.final_path)
+            directories.add(new)
+        for directory in directories:
+            fsync_directory(directory)
+    except BaseException:
+        for message in messages:
+            if message.final_path is None or not os.path.exists(message.final_path):
+                message.abort()
+        raise
+
+
+def make_uidl(unique: str) -> str:
+    """An RFC 1939 §7 unique-id: 1-70 characters in 0x21-0x7E; hashed if the name is not."""
+    raw = unique.encode("utf-8", "surrogateescape")
+    if 0 < len(raw) <= _MAX_UIDL and all(b in _UIDL_CHARS for b in raw):
+        return unique
+    return hashlib.sha1(raw).hexdigest()
+
+
+def crlf_size(path: str) -> int:
+    """Octets of a file once every bare LF is sent as CRLF (for names without ``W=``)."""
+    total = 0
+    previous_cr = False
+    with open(path, "rb") as f:
+        while block := f.read(_READ_BLOCK):
+            total += len(block) + block.count(b"\n") - block.count(b"\r\n")
+            if previous_cr and block.startswith(b"\n"):
+                total -= 1
+            previous_cr = block.endswith(b"\r")
+    return total
+
+
+def fsync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _order_key(name: str) -> tuple[int, int, str]:
+    """Delivery order from the name's ``<secs>.M<usecs>`` prefix; foreign names sort by name."""
+    secs, _, rest = name.partition(".")
+    usecs = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
+    return (int(secs) if secs.isdigit() else 0, int(usecs) if usecs.isdigit() else 0, name)
+
+
+def _subdirectories(path: str) -> list[str]:
+    try:
+        with os.scandir(path) as it:
+            return [e.path for e in it if e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []

@@ -1,0 +1,165 @@
+"""makeService: the one place that wires a Config into running parts.
+
+It builds the user database, the Maildir store, the cred portal, the connection limiters,
+the TLS creator and one listener service per configured endpoint, all under one
+``MultiService``.  Building opens no listening socket and starts no thread (twistd may
+fork after it); the data directory is created and stale ``tmp/`` files are removed when
+the service starts.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.internet import threads
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from popgate.config import Config
+from popgate.limits import AuthPenalty, ConnectionLimiter, parse_networks
+from popgate.maildir import MaildirStore
+from popgate.pop3 import POP3Factory
+from popgate.realm import MailboxRealm
+from popgate.smtp import SMTPFactory
+from popgate.users import PasswordChecker, UserDB
+
+log = Logger()
+
+
+class ListenerService(Service):
+    """Listen on one endpoint string; log where, and stop listening on stop."""
+
+    def __init__(self, reactor, description: str, factory, label: str):
+        self._reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.label = label
+        self.port = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = serverFromString(self._reactor, self.description)
+        d = endpoint.listen(self.factory)
+        d.addCallbacks(self._listening, self._failed)
+
+    def _listening(self, port) -> None:
+        self.port = port
+        log.info("popgate {label} listening on {description} ({address})",
+                 label=self.label, description=self.description, address=port.getHost())
+
+    def _failed(self, failure) -> None:
+        log.failure("popgate {label} cannot listen on {description}", failure,
+                    label=self.label, description=self.description)
+        if self._reactor.running:
+            self._reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        if self.port is not None:
+            port, self.port = self.port, None
+            return port.stopListening()
+        return None
+
+
+class StorageService(Service):
+    """Create the data directory (0700) and clear stale ``tmp/`` files at start."""
+
+    def __init__(self, config: Config, store: MaildirStore):
+        self.config = config
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        os.makedirs(self.config.server.data_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.config.mail_root, mode=0o700, exist_ok=True)
+        removed = self.store.clean_tmp()
+        if removed:
+            log.info("removed {n} stale tmp/ files", n=removed)
+
+
+class TLSReloadService(Service):
+    """Reload the certificate on SIGHUP (it is also re-read when the files change)."""
+
+    def __init__(self, reactor, tls):
+        self._reactor = reactor
+        self._tls = tls
+        self._previous = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._tls.reload))
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+
+def makeService(config: Config, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    users = UserDB(config.users_file)
+    store = MaildirStore(config.mail_root, config.hostname)
+    run_in_thread = partial(_defer_to_reactor_pool, reactor)
+    tls = _tls_creator(config, reactor)
+    trusted = parse_networks(config.limits.trusted_networks)
+
+    top = MultiService()
+    StorageService(config, store).setServiceParent(top)
+    if tls is not None:
+        TLSReloadService(reactor, tls).setServiceParent(top)
+
+    smtp_limiter = _limiter(config, trusted)
+    smtp = partial(SMTPFactory, config=config, users=users, store=store, clock=reactor,
+                   run_in_thread=run_in_thread, limiter=smtp_limiter, tls=tls)
+    _listen(top, reactor, "SMTP", config.smtp.listen, smtp())
+    _listen(top, reactor, "SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
+    _listen(top, reactor, "LMTP", config.smtp.lmtp_listen,
+            smtp(lmtp=True, limiter=_limiter(config, trusted)))
+
+    portal = Portal(MailboxRealm(users, store, run_in_thread),
+                    [PasswordChecker(users, run_in_thread)])
+    limits = config.limits
+    penalty = AuthPenalty(reactor, limits.auth_delay, limits.auth_delay_max,
+                          limits.penalty_window)
+    pop3 = partial(POP3Factory, config=config, portal=portal, clock=reactor,
+                   limiter=_limiter(config, trusted), penalty=penalty, tls=tls)
+    _listen(top, reactor, "POP3", config.pop3.listen, pop3())
+    _listen(top, reactor, "POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+    return top
+
+
+def _defer_to_reactor_pool(reactor, f, *args, **kwargs):
+    return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
+
+
+def _limiter(config: Config, trusted) -> ConnectionLimiter:
+    return ConnectionLimiter(config.limits.max_sessions, config.limits.max_sessions_per_ip,
+                             trusted)
+
+
+def _tls_creator(config: Config, reactor):
+    if not config.tls.enabled:
+        return None
+    from popgate.tls import ReloadingServerTLS
+
+    return ReloadingServerTLS(config.tls.certificate, config.tls.key, clock=reactor)
+
+
+def _implicit(make_factory, tls):
+    """A factory for an implicit-TLS listener (RFC 8314): TLS from the first byte."""
+    if tls is None:
+        return None
+    from popgate.tls import wrap_implicit_tls
+
+    return wrap_implicit_tls(make_factory(implicit_tls=True), tls)
+
+
+def _listen(parent: MultiService, reactor, label: str, descriptions, factory) -> None:
+    for description in descriptions:
+        ListenerService(reactor, description, factory, label).setServiceParent(parent)

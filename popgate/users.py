@@ -1,0 +1,325 @@
+"""The user database: a Dovecot-compatible passwd-file, password schemes, a cred checker.
+
+File format (one user a line, Dovecot's ``passwd-file``)::
+
+    alice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=4$...[:uid:gid:gecos:home:...]
+
+Fields after the password are kept verbatim when popgate rewrites the file; comments and
+blank lines are kept too.  Schemes: ``{ARGON2ID}`` (default, argon2-cffi), ``{BLF-CRYPT}``
+(bcrypt) and ``{PLAIN}`` / ``{CLEAR}`` (only useful for APOP labs; warned about).
+
+Concurrency: the server only reads.  :meth:`UserDB.get` re-reads the file when its
+``stat`` identity changed, so ``popgate user add`` is seen by a running server without a
+restart.  Writers (the CLI) hold an ``flock`` on ``<file>.lock`` for the read-modify-write
+and replace the file atomically (temp file, fsync, rename, directory fsync, mode 0600).
+Password verification is slow on purpose; :class:`PasswordChecker` runs it through an
+injected ``run_in_thread`` so it never blocks the reactor.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import argon2
+import bcrypt
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from popgate.addresses import AddressError, normalise_user, split_user
+
+SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
+DEFAULT_SCHEME = "ARGON2ID"
+_BCRYPT_MAX = 72  # bcrypt ignores (bcrypt>=5: refuses) bytes past 72
+
+log = Logger()
+
+
+class UserError(Exception):
+    """A user-database problem worth showing to the operator as is."""
+
+
+def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
+    """Return the stored form ``{SCHEME}...`` of ``password``."""
+    secret = password.encode("utf-8")
+    if scheme == "ARGON2ID":
+        return "{ARGON2ID}" + argon2.PasswordHasher().hash(secret)
+    if scheme == "BLF-CRYPT":
+        if len(secret) > _BCRYPT_MAX:
+            raise UserError(f"BLF-CRYPT passwords are limited to {_BCRYPT_MAX} bytes")
+        return "{BLF-CRYPT}" + bcrypt.hashpw(secret, bcrypt.gensalt()).decode("ascii")
+    if scheme == "PLAIN":
+        return "{PLAIN}" + password
+    raise UserError(f"unknown password scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+
+
+def split_scheme(stored: str) -> tuple[str, str]:
+    """``"{SCHEME}rest"`` -> ``("SCHEME", "rest")``; no prefix means PLAIN, as in Dovecot."""
+    if stored.startswith("{") and "}" in stored:
+        scheme, _, rest = stored[1:].partition("}")
+        scheme = scheme.upper()
+        return ("PLAIN" if scheme == "CLEAR" else scheme), rest
+    return "PLAIN", stored
+
+
+def verify_password(password: bytes, stored: str) -> bool:
+    """Check ``password`` against a stored ``{SCHEME}hash``; slow; call off the reactor."""
+    scheme, rest = split_scheme(stored)
+    if scheme == "ARGON2ID":
+        try:
+            return argon2.PasswordHasher().verify(rest, password)
+        except argon2.exceptions.VerificationError:
+            return False
+        except argon2.exceptions.InvalidHashError:
+            log.warn("malformed ARGON2ID hash in the user database")
+            return False
+    if scheme == "BLF-CRYPT":
+        if len(password) > _BCRYPT_MAX:
+            return False
+        try:
+            return bcrypt.checkpw(password, rest.encode("ascii"))
+        except ValueError:
+            log.warn("malformed BLF-CRYPT hash in the user database")
+            return False
+    if scheme == "PLAIN":
+        return hmac.compare_digest(password, rest.encode("utf-8"))
+    log.warn("unsupported password scheme {scheme} in the user database", scheme=scheme)
+    return False
+
+
+@dataclass(frozen=True)
+class User:
+    name: str  # normalised local@domain
+    password: str  # stored {SCHEME}hash
+    extra: str = ""  # the raw fields after the password, without the leading ':'
+
+    @property
+    def domain(self) -> str:
+        return split_user(self.name)[1]
+
+    @property
+    def local(self) -> str:
+        return split_user(self.name)[0]
+
+    def line(self) -> str:
+        return f"{self.name}:{self.password}" + (f":{self.extra}" if self.extra else "")
+
+
+def parse_line(line: str) -> User | None:
+    """Parse one passwd-file line; None for comments and blank lines."""
+    if not line.strip() or line.lstrip().startswith("#"):
+        return None
+    name, _, rest = line.partition(":")
+    password, _, extra = rest.partition(":")
+    return User(normalise_user(name), password, extra)
+
+
+class UserDB:
+    """Read access to the passwd-file, re-read whenever the file changes on disk."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._identity: tuple[int, int, int] | None = None
+        self._users: dict[str, User] = {}
+        self._domains: frozenset[str] = frozenset()
+
+    def get(self, name: str) -> User | None:
+        """The user called ``name`` (any case), or None."""
+        self._refresh()
+        return self._users.get(name.lower())
+
+    def domains(self) -> frozenset[str]:
+        """Every domain that has at least one user."""
+        self._refresh()
+        return self._domains
+
+    def users(self) -> list[User]:
+        self._refresh()
+        return sorted(self._users.values(), key=lambda u: u.name)
+
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._identity, self._users, self._domains = None, {}, frozenset()
+            return
+        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if identity == self._identity:
+            return
+        users = {}
+        with open(self.path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    user = parse_line(line.rstrip("\n"))
+                except AddressError as e:
+                    log.warn("{path}:{n}: ignoring bad user name: {e}",
+                             path=self.path, n=number, e=e)
+                    continue
+                if user:
+                    users[user.name] = user
+        self._users = users
+        self._domains = frozenset(u.domain for u in users.values())
+        self._identity = identity
+
+
+class UserFile:
+    """Read-modify-write access for the admin command; one writer at a time (flock)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @contextmanager
+    def editing(self) -> Iterator[list[str]]:
+        """Yield the file's lines for editing in place; write them back atomically."""
+        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
+        with open(self.path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lines = self._read_lines()
+            yield lines
+            self._write_atomically(lines)
+
+    def add(self, name: str, password_hash: str) -> User:
+        name = normalise_user(name)
+        with self.editing() as lines:
+            if _find(lines, name) is not None:
+                raise UserError(f"user {name} already exists")
+            user = User(name, password_hash)
+            lines.append(user.line())
+        return user
+
+    def set_password(self, name: str, password_hash: str) -> None:
+        name = normalise_user(name)
+        with self.editing() as lines:
+            index = _require(lines, name)
+            old = parse_line(lines[index])
+            lines[index] = User(name, password_hash, old.extra).line()
+
+    def delete(self, name: str) -> None:
+        name = normalise_user(name)
+        with self.editing() as lines:
+            del lines[_require(lines, name)]
+
+    def _read_lines(self) -> list[str]:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return f.read().splitlines()
+        except FileNotFoundError:
+            return []
+
+    def _write_atomically(self, lines: list[str]) -> None:
+        directory = os.path.dirname(self.path) or "."
+        fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write("".join(line + "\n" for line in lines))
+                f.flush()
+                os.fchmod(f.fileno(), 0o600)
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def _find(lines: list[str], name: str) -> int | None:
+    for index, line in enumerate(lines):
+        try:
+            user = parse_line(line)
+        except AddressError:
+            continue
+        if user and user.name == name:
+            return index
+    return None
+
+
+def _require(lines: list[str], name: str) -> int:
+    index = _find(lines, name)
+    if index is None:
+        raise UserError(f"no such user {name}")
+    return index
+
+
+@implementer(IUsernameHashedPassword)
+class APOPCredentials:
+    """RFC 1939 §7 APOP: the client proves it knows the secret by MD5(timestamp + secret)."""
+
+    def __init__(self, username: str, timestamp: bytes, digest: bytes):
+        self.username = username
+        self._timestamp, self._digest = timestamp, digest.lower()
+
+    def checkPassword(self, secret: bytes) -> bool:
+        expected = hashlib.md5(self._timestamp + secret).hexdigest().encode("ascii")
+        return hmac.compare_digest(expected, self._digest)
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """twisted.cred checker over :class:`UserDB`; the avatar id is the normalised user name.
+
+    An unknown user is verified against a dummy hash of the default scheme, so that it
+    costs the same time as a wrong password (no user enumeration by timing).
+    """
+
+    credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
+
+    def __init__(self, users: UserDB, run_in_thread: Callable[..., defer.Deferred]):
+        self._users = users
+        self._run_in_thread = run_in_thread
+        self._dummy: str | None = None
+
+    def requestAvatarId(self, credentials) -> defer.Deferred:
+        if IUsernamePassword.providedBy(credentials):
+            return self._check_password(credentials)
+        return self._check_apop(credentials)
+
+    def _lookup(self, username: bytes | str) -> User | None:
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        try:
+            return self._users.get(normalise_user(username))
+        except AddressError:
+            return None
+
+    def _check_password(self, credentials) -> defer.Deferred:
+        user = self._lookup(credentials.username)
+        stored = user.password if user else self._dummy_hash()
+        password = credentials.password
+        if isinstance(password, str):
+            password = password.encode("utf-8")
+        d = self._run_in_thread(verify_password, password, stored)
+
+        def decide(ok: bool) -> str:
+            if ok and user is not None:
+                return user.name
+            raise error.UnauthorizedLogin()
+
+        return d.addCallback(decide)
+
+    def _check_apop(self, credentials) -> defer.Deferred:
+        user = self._lookup(credentials.username)
+        if user is not None:
+            scheme, secret = split_scheme(user.password)
+            if scheme == "PLAIN" and credentials.checkPassword(secret.encode("utf-8")):
+                return defer.succeed(user.name)
+        return defer.fail(error.UnauthorizedLogin())
+
+    def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            self._dummy = hash_password(secrets.token_urlsafe(16))
+        return self._dummy
