@@ -18,7 +18,7 @@ import sys
 
 from popgate import __version__
 from popgate import config as configuration
-from popgate.addresses import AddressError
+from popgate.addresses import AddressError, normalise_user
 from popgate.users import DEFAULT_SCHEME, SCHEMES, UserDB, UserError, UserFile, hash_password
 
 
@@ -113,8 +113,11 @@ def _read_password(args) -> str:
 
 def _user_add(args) -> None:
     config = _load(args)
+    name = normalise_user(args.name)  # before asking for a password
+    if UserDB(config.users_file).get(name):
+        raise UserError(f"user {name} already exists")
     password = _read_password(args)
-    user = UserFile(config.users_file).add(args.name, hash_password(password, args.scheme))
+    user = UserFile(config.users_file).add(name, hash_password(password, args.scheme))
     print(f"added {user.name}")
 
 
@@ -126,6 +129,8 @@ def _user_del(args) -> None:
 
 def _user_passwd(args) -> None:
     config = _load(args)
+    if not UserDB(config.users_file).get(normalise_user(args.name)):
+        raise UserError(f"no such user {args.name.lower()}")
     password = _read_password(args)
     UserFile(config.users_file).set_password(args.name, hash_password(password, args.scheme))
     print(f"password changed for {args.name.lower()}")
