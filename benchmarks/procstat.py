@@ -8,12 +8,15 @@ reaped it (Dovecot's and Postfix's masters reap their workers).
 
 Memory is reported as the sum of VmRSS (shared pages counted once per process, so it
 overstates multi-process servers) and as the sum of Pss from smaps_rollup (shared pages
-divided among their users).  RssSampler polls the tree from a thread so that sampling
+divided among their users).  Peak memory over an interval: reset_hwm() sets each
+process's VmHWM back to its current RSS, so VmHWM afterwards is that interval's peak;
+RssSampler also polls the tree from a thread so that sampling
 goes on while the asyncio loop is busy receiving data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -111,6 +114,15 @@ class ProcTree:
     def hwm_kib(self) -> dict[int, int]:
         """VmHWM (peak RSS) of each process of the tree."""
         return {pid: status_kib(pid, "VmHWM") for pid in self.pids()}
+
+    def reset_hwm(self) -> dict[int, int]:
+        """Reset each process's VmHWM to its current RSS (``5 > clear_refs``, Linux
+        4.0+, needs root or ptrace rights) and return {pid: VmHWM after the reset}."""
+        for pid in self.pids():
+            path = f"/proc/{pid}/clear_refs"
+            with contextlib.suppress(OSError), open(path, "w", encoding="ascii") as fh:
+                fh.write("5")
+        return self.hwm_kib()
 
 
 class RssSampler(threading.Thread):

@@ -26,7 +26,8 @@ MAX_PATH = 256  # RFC 5321 §4.5.3.1.3, including the angle brackets
 _USER_LOCAL = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\Z")
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 # RFC 5321 §4.1.2 atext, plus UTF-8 when SMTPUTF8 is in force (RFC 6531 §3.3).
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+# "-" is escaped: at the end of _ATEXT it would form a range with what follows.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _ATOM = rf"[{_ATEXT}\u0080-\U0010ffff]+"
 _DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*\Z")
 _QTEXT = r"[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]"

@@ -66,8 +66,11 @@ class Maildir:
         self._foreign_sizes: dict[str, int] = {}
 
     def create(self) -> None:
+        # makedirs gives its mode only to the leaf: create each level 0700 ourselves so
+        # that no directory on the way reveals user names.
+        _makedirs_private(self.path)
         for sub in ("tmp", "new", "cur"):
-            os.makedirs(os.path.join(self.path, sub), mode=0o700, exist_ok=True)
+            _makedirs_private(os.path.join(self.path, sub))
 
     def lock(self) -> MailboxLock:
         """Take the exclusive POP3 lock, or raise MailboxLocked at once."""
@@ -80,7 +83,9 @@ class Maildir:
             directory = os.path.join(self.path, sub)
             try:
                 with os.scandir(directory) as it:
-                    names = [e.name for e in it if not e.name.startswith(".")]
+                    # is_file() uses the directory entry's type: no stat per message.
+                    names = [e.name for e in it
+                             if not e.name.startswith(".") and e.is_file()]
             except FileNotFoundError:
                 continue
             entries.extend((_order_key(n), sub, n) for n in names)
@@ -242,6 +247,17 @@ def commit(messages: list[IncomingMessage]) -> None:
     Several messages (the copies of one delivery, or a group of deliveries) share the
     directory fsyncs.  Slow: run it in a thread.  On error, every message is aborted.
     """
+    for directory in publish(messages):
+        fsync_directory(directory)
+
+
+def publish(messages: list[IncomingMessage]) -> set[str]:
+    """fsync each message and rename it into ``new/``; return the ``new/`` directories.
+
+    The renames are durable only once the caller has fsynced every returned directory
+    (:func:`commit` does; a group committer fsyncs the union for many deliveries).  Slow:
+    run it in a thread.  On error, every message not yet in ``new/`` is aborted.
+    """
     try:
         for message in messages:
             message.flush_and_sync()
@@ -251,8 +267,7 @@ def commit(messages: list[IncomingMessage]) -> None:
             message.final_path = os.path.join(new, message.final_name)
             os.rename(message.tmp_path, message.final_path)
             directories.add(new)
-        for directory in directories:
-            fsync_directory(directory)
+        return directories
     except BaseException:
         for message in messages:
             if message.final_path is None or not os.path.exists(message.final_path):
@@ -289,11 +304,22 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def _order_key(name: str) -> tuple[int, int, str]:
-    """Delivery order from the name's ``<secs>.M<usecs>`` prefix; foreign names sort by name."""
+def _order_key(name: str) -> tuple[int, int, int, str]:
+    """Delivery order from the name's ``<secs>.M<usecs>P<pid>Q<seq>`` prefix (``Q`` orders
+    one process's deliveries within a clock tick); foreign names sort by name."""
     secs, _, rest = name.partition(".")
     usecs = rest[1:].split("P", 1)[0] if rest.startswith("M") else ""
-    return (int(secs) if secs.isdigit() else 0, int(usecs) if usecs.isdigit() else 0, name)
+    seq = rest.partition("Q")[2].split("R", 1)[0] if rest.startswith("M") else ""
+    return (int(secs) if secs.isdigit() else 0, int(usecs) if usecs.isdigit() else 0,
+            int(seq) if seq.isdigit() else 0, name)
+
+
+def _makedirs_private(path: str) -> None:
+    if os.path.isdir(path):
+        return
+    _makedirs_private(os.path.dirname(path))
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
 
 
 def _subdirectories(path: str) -> list[str]:

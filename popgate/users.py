@@ -81,7 +81,7 @@ def verify_password(password: bytes, stored: str) -> bool:
             return argon2.PasswordHasher().verify(rest, password)
         except argon2.exceptions.VerificationError:
             return False
-        except argon2.exceptions.InvalidHashError:
+        except (argon2.exceptions.InvalidHashError, ValueError):  # ValueError: non-ASCII
             log.warn("malformed ARGON2ID hash in the user database")
             return False
     if scheme == "BLF-CRYPT":
@@ -93,7 +93,9 @@ def verify_password(password: bytes, stored: str) -> bool:
             log.warn("malformed BLF-CRYPT hash in the user database")
             return False
     if scheme == "PLAIN":
-        return hmac.compare_digest(password, rest.encode("utf-8"))
+        # An empty field ("alice@example.org" or "alice@example.org:") is no password at
+        # all, not the empty password.
+        return bool(rest) and hmac.compare_digest(password, rest.encode("utf-8"))
     log.warn("unsupported password scheme {scheme} in the user database", scheme=scheme)
     return False
 
@@ -158,7 +160,8 @@ class UserDB:
         if identity == self._identity:
             return
         users = {}
-        with open(self.path, encoding="utf-8") as f:
+        # A stray non-UTF-8 byte spoils one line (skipped below), not every login.
+        with open(self.path, encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 try:
                     user = parse_line(line.rstrip("\n"))
@@ -191,6 +194,7 @@ class UserFile:
 
     def add(self, name: str, password_hash: str) -> User:
         name = normalise_user(name)
+        _check_storable(password_hash)
         with self.editing() as lines:
             if _find(lines, name) is not None:
                 raise UserError(f"user {name} already exists")
@@ -200,6 +204,7 @@ class UserFile:
 
     def set_password(self, name: str, password_hash: str) -> None:
         name = normalise_user(name)
+        _check_storable(password_hash)
         with self.editing() as lines:
             index = _require(lines, name)
             old = parse_line(lines[index])
@@ -213,9 +218,14 @@ class UserFile:
     def _read_lines(self) -> list[str]:
         try:
             with open(self.path, encoding="utf-8") as f:
-                return f.read().splitlines()
+                # Split as UserDB reads (universal newlines), not str.splitlines(), which
+                # also breaks at \x0b, \x0c, \x1c-\x1e, \x85, \u2028, \u2029 inside a field.
+                lines = f.read().split("\n")
         except FileNotFoundError:
             return []
+        if lines[-1] == "":
+            lines.pop()
+        return lines
 
     def _write_atomically(self, lines: list[str]) -> None:
         directory = os.path.dirname(self.path) or "."
@@ -235,6 +245,12 @@ class UserFile:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+
+def _check_storable(password_hash: str) -> None:
+    if any(c in password_hash for c in ":\r\n"):
+        raise UserError("a password containing ':' or a line break cannot be stored "
+                        "in the passwd-file (use a hashed scheme)")
 
 
 def _find(lines: list[str], name: str) -> int | None:
@@ -298,11 +314,13 @@ class PasswordChecker:
 
     def _check_password(self, credentials) -> defer.Deferred:
         user = self._lookup(credentials.username)
-        stored = user.password if user else self._dummy_hash()
         password = credentials.password
         if isinstance(password, str):
             password = password.encode("utf-8")
-        d = self._run_in_thread(verify_password, password, stored)
+        if user is not None:
+            d = self._run_in_thread(verify_password, password, user.password)
+        else:
+            d = self._run_in_thread(self._verify_unknown, password)
 
         def decide(ok: bool) -> str:
             if ok and user is not None:
@@ -315,9 +333,16 @@ class PasswordChecker:
         user = self._lookup(credentials.username)
         if user is not None:
             scheme, secret = split_scheme(user.password)
-            if scheme == "PLAIN" and credentials.checkPassword(secret.encode("utf-8")):
+            if (scheme == "PLAIN" and secret
+                    and credentials.checkPassword(secret.encode("utf-8"))):
                 return defer.succeed(user.name)
         return defer.fail(error.UnauthorizedLogin())
+
+    def _verify_unknown(self, password: bytes) -> bool:
+        # In the thread, like a real verification: the dummy hash is made here too, so
+        # the first unknown user does not stall the reactor for a whole hash.
+        verify_password(password, self._dummy_hash())
+        return False
 
     def _dummy_hash(self) -> str:
         if self._dummy is None:

@@ -1,0 +1,452 @@
+"""Benchmark driver: run the loadgen workloads against popgate and its peers.
+
+For each selected server: make a temp dir, write its configuration, create the users,
+then for each workload it supports fill the mailboxes, start the server, run the
+workload under a timeout, and stop the server (a fresh process per workload, so memory
+and CPU figures are not skewed by earlier workloads).  Prints one table (rows =
+metrics, columns = servers and popgate/peer ratios), notes about skipped servers and
+errors, and last a single ``RESULT {json}`` line.
+
+    python -m benchmarks.run [--quick] [--only smtp,pop3,...] [--servers popgate,...]
+
+Exit status: 0 when every workload that ran was error-free, 1 otherwise; with
+``--strict`` a skipped server (not installed) also gives 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make "benchmarks" importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import loadgen  # noqa: E402
+from benchmarks.maildirs import fill  # noqa: E402
+from benchmarks.procstat import ProcTree  # noqa: E402
+from benchmarks.servers import HOST, PASSWORD, SERVERS, Options, Server, ServerError  # noqa: E402
+
+WORKLOADS = ("smtp", "pop3", "bigbox", "bigmsg", "idle", "logins")
+NEEDS = {"smtp": "smtp", "pop3": "pop3", "bigbox": "pop3", "bigmsg": "pop3",
+         "logins": "pop3", "idle": None}
+TIMEOUTS = {"smtp": 300, "pop3": 300, "bigbox": 180, "bigmsg": 120, "idle": 120,
+            "logins": 60}
+MIB = 1024 * 1024
+
+
+@dataclass
+class Params:
+    """Workload sizes (full run defaults; see QUICK)."""
+
+    smtp_messages: int = 5000
+    smtp_conns: int = 20
+    smtp_recipients: int = 8
+    message_size: int = 4096
+    pop3_clients: int = 16
+    pop3_messages: int = 1000
+    bigbox_messages: int = 10000
+    bigmsg_mib: float = 50.0
+    idle_conns: int = 1000
+    login_rate: float = 20.0
+    login_seconds: float = 5.0
+    noop_interval: float = 0.02
+    timeout_scale: float = 1.0
+
+
+QUICK = {"smtp_messages": 100, "smtp_conns": 4, "smtp_recipients": 4, "pop3_clients": 4,
+         "pop3_messages": 50, "bigbox_messages": 1000, "bigmsg_mib": 5.0,
+         "idle_conns": 100, "login_seconds": 1.0}
+
+
+@dataclass
+class ServerResult:
+    """What one server produced."""
+
+    metrics: dict[str, object] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------ users / data
+
+
+def workload_users(workload: str, p: Params) -> list[str]:
+    """Local parts of the users a workload needs."""
+    if workload == "smtp":
+        return [f"rcpt{i}" for i in range(p.smtp_recipients)]
+    if workload == "pop3":
+        return [f"pop{i}" for i in range(p.pop3_clients)]
+    if workload in ("bigbox", "bigmsg"):
+        return [workload]
+    if workload == "logins":
+        # one user per login: popgate locks a mailbox per session (-ERR [IN-USE])
+        # and logins may overlap when password hashing saturates the CPU
+        logins = max(1, round(p.login_rate * p.login_seconds))
+        return [f"login{i}" for i in range(logins)] + ["noop"]
+    return []
+
+
+def supported(server: Server, workload: str) -> bool:
+    """Whether the server speaks the protocol the workload needs."""
+    need = NEEDS[workload]
+    return need is None or need in server.protocols
+
+
+Factory = Callable[[ProcTree], Coroutine]
+
+
+def prep_smtp(server: Server, p: Params) -> Factory:
+    """Empty recipient Maildirs; the SMTP workload."""
+    users = workload_users("smtp", p)
+    load = loadgen.SmtpLoad(
+        HOST, server.ports["smtp"], p.smtp_messages, p.smtp_conns,
+        [server.address(u) for u in users], [server.prepare_mailbox(u) for u in users],
+        p.message_size, deliver_timeout=120 * p.timeout_scale)
+    return lambda tree: loadgen.smtp_workload(load, tree)
+
+
+def prep_pop3(server: Server, p: Params) -> Factory:
+    """One filled mailbox per client; the POP3 workload."""
+    users = workload_users("pop3", p)
+    for user in users:
+        fill(server.prepare_mailbox(user), p.pop3_messages, p.message_size, server.owner)
+    load = loadgen.Pop3Load(HOST, server.ports["pop3"], [server.address(u) for u in users],
+                            PASSWORD, p.pop3_messages, p.message_size)
+    return lambda tree: loadgen.pop3_workload(load, tree)
+
+
+def prep_bigbox(server: Server, p: Params) -> Factory:
+    """A huge mailbox; cold and warm STAT+UIDL."""
+    fill(server.prepare_mailbox("bigbox"), p.bigbox_messages, p.message_size, server.owner)
+    return lambda tree: loadgen.bigbox_workload(
+        HOST, server.ports["pop3"], server.address("bigbox"), PASSWORD, p.bigbox_messages)
+
+
+def prep_bigmsg(server: Server, p: Params) -> Factory:
+    """One big message; its RETR with RSS sampling."""
+    size = int(p.bigmsg_mib * MIB)
+    fill(server.prepare_mailbox("bigmsg"), 1, size, server.owner, tag="big")
+    return lambda tree: loadgen.bigmsg_workload(
+        HOST, server.ports["pop3"], server.address("bigmsg"), PASSWORD, size, tree)
+
+
+def prep_logins(server: Server, p: Params) -> Factory:
+    """Empty mailboxes for the login pool and the NOOP session; the login storm."""
+    users = workload_users("logins", p)
+    for user in users:
+        server.prepare_mailbox(user)
+    load = loadgen.LoginLoad(HOST, server.ports["pop3"],
+                             [server.address(u) for u in users[:-1]],
+                             server.address(users[-1]), PASSWORD, p.login_rate,
+                             p.login_seconds, p.noop_interval)
+    return lambda tree: loadgen.logins_workload(load, tree)
+
+
+def prep_idle(server: Server, p: Params, protocol: str) -> Factory:
+    """Idle connections on one protocol."""
+    port = server.ports[protocol]
+    return lambda tree: loadgen.idle_workload(HOST, port, p.idle_conns, tree)
+
+
+PREPARE = {"smtp": prep_smtp, "pop3": prep_pop3, "bigbox": prep_bigbox,
+           "bigmsg": prep_bigmsg, "logins": prep_logins}
+
+
+# ------------------------------------------------------------------------ running
+
+
+def log(message: str) -> None:
+    """Progress and notes go to stderr; stdout is the table and RESULT."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def runs_of(server: Server, workload: str) -> list[tuple[str, Callable[[Params], Factory]]]:
+    """(metric prefix, preparer) pairs: idle runs once per protocol."""
+    if workload == "idle":
+        return [(f"idle_{proto}", lambda p, proto=proto: prep_idle(server, p, proto))
+                for proto in server.protocols]
+    return [(workload, lambda p: PREPARE[workload](server, p))]
+
+
+def run_one(server: Server, prefix: str, prepare: Callable[[Params], Factory],
+            p: Params, timeout: float) -> dict[str, object]:
+    """Prepare data, start the server, run one workload under a timeout, stop."""
+    factory = prepare(p)
+    server.start()
+    try:
+        tree = server.tree()
+        result = asyncio.run(asyncio.wait_for(factory(tree), timeout))
+    except TimeoutError as exc:
+        raise ServerError(f"timed out after {timeout:.1f}s") from exc
+    finally:
+        server.stop()
+    return {f"{prefix}.{key}": value for key, value in result.items()}
+
+
+def bench_server(name: str, p: Params, workloads: list[str], options: Options,
+                 tmpdir: str | None, keep: bool) -> ServerResult:
+    """Set up one server, run every workload it supports, clean up."""
+    outcome = ServerResult()
+    started = time.monotonic()
+    root = Path(tempfile.mkdtemp(prefix=f"popgate-bench-{name}-", dir=tmpdir))
+    os.chmod(root, 0o755)  # the peers' unprivileged processes must traverse it
+    try:
+        server = SERVERS[name](root, options)
+        outcome.skipped = server.missing()
+        if outcome.skipped:
+            return outcome
+        todo = [w for w in workloads if supported(server, w)]
+        other = [w for w in workloads if w not in todo]
+        if other:
+            outcome.notes.append(f"{name} speaks {'+'.join(server.protocols).upper()} only: "
+                                 f"no {', '.join(other)}")
+        users = list(dict.fromkeys(u for w in todo for u in workload_users(w, p)))
+        server.configure(users)
+        for workload in todo:
+            for prefix, prepare in runs_of(server, workload):
+                run_workload(server, prefix, prepare, p, TIMEOUTS[workload], outcome)
+    except ServerError as exc:
+        outcome.errors["setup"] = str(exc)
+        log(f"[{name}] setup failed: {exc}")
+    finally:
+        outcome.seconds = time.monotonic() - started
+        if keep:
+            log(f"[{name}] kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    return outcome
+
+
+def run_workload(server: Server, prefix: str, prepare: Callable[[Params], Factory],
+                 p: Params, timeout: float, outcome: ServerResult) -> None:
+    """Run one workload, recording its metrics or its failure in `outcome`."""
+    log(f"[{server.name}] {prefix} ...")
+    began = time.monotonic()
+    try:
+        metrics = run_one(server, prefix, prepare, p, timeout * p.timeout_scale)
+    except (ServerError, OSError, loadgen.ProtocolError, ValueError, IndexError) as exc:
+        outcome.errors[prefix] = str(exc)
+        log(f"[{server.name}] {prefix} FAILED: {exc}")
+        return
+    outcome.metrics.update(metrics)
+    problems = metrics.get(f"{prefix}.errors") or 0
+    if problems:
+        first = metrics.get(f"{prefix}.first_error") or "see the error counters"
+        outcome.errors[prefix] = f"{problems} error(s): {first}"
+    log(f"[{server.name}] {prefix} done in {time.monotonic() - began:.1f}s"
+        + (f" with {problems} error(s)" if problems else ""))
+
+
+# -------------------------------------------------------------------------- table
+
+
+def rows(p: Params) -> list[tuple[str, str, str]]:
+    """(metric key, label, better) for the table, in display order."""
+    big = f"{p.bigmsg_mib:g} MiB RETR"
+    box = f"{p.bigbox_messages}-msg box STAT+UIDL"
+    return [
+        ("smtp.accepted_per_s", "SMTP accepted msgs/s", "higher"),
+        ("smtp.delivered_per_s", "SMTP delivered msgs/s", "higher"),
+        ("smtp.data_p50_ms", "SMTP DATA-end->250 p50 ms", "lower"),
+        ("smtp.data_p99_ms", "SMTP DATA-end->250 p99 ms", "lower"),
+        ("smtp.cpu_ms_per_msg", "SMTP server CPU ms/msg", "lower"),
+        ("pop3.retr_per_s", "POP3 RETR/s", "higher"),
+        ("pop3.mb_per_s", "POP3 MB/s", "higher"),
+        ("pop3.session_p50_ms", "POP3 session p50 ms", "lower"),
+        ("pop3.session_p99_ms", "POP3 session p99 ms", "lower"),
+        ("pop3.cpu_us_per_retr", "POP3 server CPU us/RETR", "lower"),
+        ("pop3.cpu_us_per_retr_all", "POP3 server CPU us/RETR incl. logins", "lower"),
+        ("bigbox.cold_ms", f"{box} cold ms", "lower"),
+        ("bigbox.warm_ms", f"{box} warm ms", "lower"),
+        ("bigmsg.mb_per_s", f"{big} MB/s", "higher"),
+        ("bigmsg.rss_growth_mib", f"{big} peak RSS growth MiB", "lower"),
+        ("bigmsg.hwm_growth_mib", f"{big} VmHWM growth MiB", "lower"),
+        ("idle_smtp.rss_kib_per_conn", "idle SMTP KiB/conn (RSS)", "lower"),
+        ("idle_smtp.pss_kib_per_conn", "idle SMTP KiB/conn (PSS)", "lower"),
+        ("idle_pop3.rss_kib_per_conn", "idle POP3 KiB/conn (RSS)", "lower"),
+        ("idle_pop3.pss_kib_per_conn", "idle POP3 KiB/conn (PSS)", "lower"),
+        ("logins.noop_p50_ms", "NOOP p50 ms during logins", "lower"),
+        ("logins.noop_p99_ms", "NOOP p99 ms during logins", "lower"),
+        ("logins.login_p50_ms", "login p50 ms", "lower"),
+        ("logins.cpu_ms_per_login", "server CPU ms/login", "lower"),
+        ("errors", "errors (all workloads)", "lower"),
+    ]
+
+
+def fmt(value: object) -> str:
+    """Compact number formatting; "-" for missing."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        size = abs(value)
+        return f"{value:.0f}" if size >= 100 else f"{value:.1f}" if size >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def total_errors(result: ServerResult) -> int:
+    """Error counters of all workloads plus workloads that failed outright."""
+    counted = sum(v for k, v in result.metrics.items()
+                  if k.endswith(".errors") and isinstance(v, int))
+    failed = sum(1 for k in result.errors if f"{k}.errors" not in result.metrics)
+    return counted + failed
+
+
+def ratio(a: object, b: object) -> str:
+    """popgate/peer ratio, "" when either side is missing or zero."""
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return ""
+    return f"{a / b:.3g}x"
+
+
+def render_table(results: dict[str, ServerResult], p: Params) -> str:
+    """The metrics table for the servers that ran."""
+    ran = [name for name, r in results.items() if not r.skipped]
+    peers = [name for name in ran if name != "popgate"] if "popgate" in ran else []
+    header = ["metric", "better", *ran, *[f"popgate/{peer}" for peer in peers]]
+    body = []
+    for key, label, better in rows(p):
+        values = {name: (total_errors(results[name]) if key == "errors"
+                         else results[name].metrics.get(key)) for name in ran}
+        if all(v is None for v in values.values()):
+            continue
+        cells = [label, better, *(fmt(values[name]) for name in ran)]
+        cells += [ratio(values["popgate"], values[peer]) for peer in peers]
+        body.append(cells)
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+             for row in [header, *body]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def describe(p: Params) -> str:
+    """One line saying what was measured."""
+    return (f"SMTP {p.smtp_messages} x {p.message_size} B over {p.smtp_conns} conns; "
+            f"POP3 {p.pop3_clients} clients x {p.pop3_messages} msgs; "
+            f"big box {p.bigbox_messages}; big msg {p.bigmsg_mib:g} MiB; "
+            f"idle {p.idle_conns} conns; logins {p.login_rate:g}/s for "
+            f"{p.login_seconds:g}s, NOOP every {p.noop_interval * 1000:g} ms")
+
+
+def report(results: dict[str, ServerResult], p: Params, workloads: list[str]) -> str:
+    """Table, notes and the RESULT line."""
+    out = [describe(p), "", render_table(results, p), ""]
+    for name, result in results.items():
+        if result.skipped:
+            out.append(f"note: {name} skipped: {result.skipped}")
+        out += [f"note: {n}" for n in result.notes]
+        out += [f"error: {name} {k}: {v}" for k, v in result.errors.items()]
+    payload = {
+        "params": dataclasses.asdict(p),
+        "workloads": workloads,
+        "servers": {n: r.metrics for n, r in results.items() if not r.skipped},
+        "errors": {n: r.errors for n, r in results.items() if r.errors},
+        "skipped": {n: r.skipped for n, r in results.items() if r.skipped},
+        "seconds": {n: round(r.seconds, 1) for n, r in results.items()},
+    }
+    out.append("RESULT " + json.dumps(payload, sort_keys=True))
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def csv_choice(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """argparse type: a comma-separated subset of `allowed`, order kept."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"choose from {','.join(allowed)} (got {text!r})")
+        return list(dict.fromkeys(items))
+    return parse
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command line."""
+    ap = argparse.ArgumentParser(description="popgate benchmark suite (see benchmarks/README.md)")
+    ap.add_argument("--quick", action="store_true", help="small counts for a CI smoke run")
+    ap.add_argument("--only", type=csv_choice(WORKLOADS), default=list(WORKLOADS),
+                    help="workloads, comma-separated: " + ",".join(WORKLOADS))
+    ap.add_argument("--servers", type=csv_choice(tuple(SERVERS)), default=list(SERVERS),
+                    help="servers, comma-separated: " + ",".join(SERVERS))
+    for f in dataclasses.fields(Params):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None,
+                        help=f"(default {f.default}; --quick: {QUICK.get(f.name, f.default)})")
+    ap.add_argument("--popgate-twistd", default=Options.popgate_twistd,
+                    help="twistd command (shell words; default: twistd beside this "
+                         "Python, else on PATH)")
+    ap.add_argument("--popgate-cli", default=Options.popgate_cli,
+                    help="popgate admin command (shell words; default: popgate beside "
+                         "this Python, else on PATH, else python -m popgate.cli)")
+    ap.add_argument("--popgate-users", choices=("clone", "cli"), default=Options.popgate_users,
+                    help="clone: add one user with the CLI and copy its hash line for the "
+                         "rest (fast); cli: run the CLI for every user")
+    ap.add_argument("--dovecot-scheme", default=Options.dovecot_scheme,
+                    help="Dovecot password scheme (doveadm pw -s), PLAIN for none")
+    ap.add_argument("--tmpdir", default=None, help="where the per-server temp dirs go")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dirs (debugging)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a server is skipped")
+    return ap.parse_args(argv)
+
+
+def make_params(args: argparse.Namespace) -> Params:
+    """Defaults, then --quick, then explicit overrides."""
+    values = dataclasses.asdict(Params())
+    if args.quick:
+        values.update(QUICK)
+    for name in values:
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = given
+    return Params(**values)
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that every finally: stops its server."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print the report."""
+    args = parse_args(argv)
+    params = make_params(args)
+    options = Options(args.popgate_twistd, args.popgate_cli, args.popgate_users,
+                      args.dovecot_scheme, max(1200, params.idle_conns + 200))
+    terminate_on_sigterm()
+    results = {}
+    for name in args.servers:
+        log(f"[{name}] starting")
+        results[name] = bench_server(name, params, args.only, options, args.tmpdir,
+                                     args.keep)
+        if results[name].skipped:
+            log(f"[{name}] SKIPPED: {results[name].skipped}")
+    print(report(results, params, args.only), flush=True)
+    failed = any(r.errors for r in results.values())
+    skipped = any(r.skipped for r in results.values())
+    return 1 if failed or (args.strict and skipped) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""What happens to a message between "RCPT TO" and "250": routing and durable delivery.
+
+* :class:`Router` decides, for one ``RCPT TO`` mailbox, which existing users get the
+  message, or why it is refused:
+
+  - source routes, ``%`` / ``!`` hacks, quoted local parts and address literals, and any
+    domain that is not local: ``554 5.7.1`` relay denied (RFC 5321 §3.6.1, App. C);
+  - a domain is local when a user of it exists, when ``server.domains`` lists it, or when
+    an ``[aliases]`` key names it;
+  - the local part is compared lowercased; a sub-address ``alice+tag`` means ``alice``
+    (RFC 5233);
+  - lookup order: the exact alias ``local@domain``, then (for ``postmaster``, RFC 5321
+    §4.5.1) the ``server.postmaster`` user, then the user ``local@domain``, then the
+    domain's catch-all ``@domain``; alias targets that are not in the user database are
+    skipped (and logged); nothing left: ``550 5.1.1``.
+
+* :class:`Deliverer` turns an :class:`Envelope` into a :class:`Transaction`: one Maildir
+  ``tmp/`` file per recipient *user* (a user reached through several addresses gets one
+  copy), each starting with its own trace headers, LF-terminated as stored::
+
+      Return-Path: <sender>
+      Delivered-To: alice@example.org
+      Received: from client.example (unknown [192.0.2.1])
+      \tby mail.example.org (popgate) with ESMTPS id 3NB2AYQCK2ZNQ
+      \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
+      \tfor <alice+tag@example.org>; Tue, 03 Mar 2026 10:00:00 +0100
+
+  The body is then written chunk by chunk to every file (one chunk in memory, never N
+  copies of the message).  :meth:`Transaction.finish` makes the files durable: fsync,
+  rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
+
+Concurrency: everything here runs on the reactor thread except the durable part, which
+:class:`GroupCommitter` hands to the injected ``run_in_thread``.  At most
+``max_in_flight`` commits run at once; transactions that finish while all are busy are
+committed together in the next thread call, sharing the ``new/`` directory fsyncs (group
+commit).  A transaction's Deferred fires only after its own files and directories are
+durable, and fails on its own error without failing the others in its group.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import ipaddress
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from popgate import maildir
+from popgate.addresses import Mailbox
+from popgate.maildir import IncomingMessage, MaildirStore
+from popgate.users import User, UserDB
+
+log = Logger()
+
+_MAX_HEADER_LINE = 78  # RFC 5322 §2.1.1: SHOULD NOT exceed 78 characters
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An SMTP refusal: reply code, RFC 3463 enhanced code and text."""
+
+    code: int
+    enhanced: str
+    text: str
+
+
+RELAY_DENIED = Refusal(554, "5.7.1", "relay access denied")
+UNKNOWN_USER = Refusal(550, "5.1.1", "no such user here")
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Where one recipient address goes: existing users, or a refusal."""
+
+    users: tuple[User, ...] = ()
+    refusal: Refusal | None = None
+
+
+class Router:
+    """Maps ``RCPT TO`` mailboxes to existing users (see the module docstring)."""
+
+    def __init__(self, config, users: UserDB):
+        self._users = users
+        self._aliases = config.aliases
+        self._postmaster = config.server.postmaster
+        self._hostname = config.hostname.lower()
+        self._configured_domains = frozenset(d.lower() for d in config.server.domains) | {
+            key.rpartition("@")[2] for key in config.aliases
+        }
+
+    def is_local(self, domain: str) -> bool:
+        return domain in self._configured_domains or domain in self._users.domains()
+
+    def resolve(self, mailbox: Mailbox) -> Resolution:
+        if mailbox.has_relay_hack or mailbox.is_literal or not self.is_local(mailbox.domain):
+            return Resolution(refusal=RELAY_DENIED)
+        local = mailbox.local.lower().partition("+")[0]  # RFC 5233 sub-address
+        if not local:
+            return Resolution(refusal=UNKNOWN_USER)
+        return self._lookup(local, mailbox.domain)
+
+    def resolve_postmaster(self) -> Resolution:
+        """The bare ``<Postmaster>`` recipient, which RFC 5321 §4.5.1 requires to work.
+
+        It is the postmaster of this host's name or, failing that, of its parent domains
+        (``mx.example.org``, then ``example.org``).
+        """
+        labels = self._hostname.split(".")
+        resolution = Resolution(refusal=UNKNOWN_USER)
+        for start in range(max(len(labels) - 1, 1)):
+            resolution = self._lookup("postmaster", ".".join(labels[start:]))
+            if resolution.refusal is None:
+                break
+        return resolution
+
+    def _lookup(self, local: str, domain: str) -> Resolution:
+        address = f"{local}@{domain}"
+        targets = self._aliases.get(address)
+        if targets is None and local == "postmaster" and self._postmaster:
+            targets = self._configured_postmaster()
+        if targets is None and self._users.get(address) is not None:
+            targets = (address,)
+        if targets is None:
+            targets = self._aliases.get("@" + domain)
+        if targets is None:
+            return Resolution(refusal=UNKNOWN_USER)
+        users = self._existing_users(address, targets)
+        if not users:
+            return Resolution(refusal=UNKNOWN_USER)
+        return Resolution(users=users)
+
+    def _configured_postmaster(self) -> tuple[str, ...] | None:
+        if self._users.get(self._postmaster) is not None:
+            return (self._postmaster,)
+        log.warn("server.postmaster {user} is not in the user database", user=self._postmaster)
+        return None  # fall back to the user postmaster@<domain>, if there is one
+
+    def _existing_users(self, address: str, targets: tuple[str, ...]) -> tuple[User, ...]:
+        users: dict[str, User] = {}
+        for name in targets:
+            user = self._users.get(name)
+            if user is None:
+                log.warn("alias {address}: target {name} is not in the user database",
+                         address=address, name=name)
+            else:
+                users.setdefault(user.name, user)
+        return tuple(users.values())
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """One accepted ``RCPT TO``: the address as the client wrote it, and its users."""
+
+    address: str
+    users: tuple[User, ...]
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """Everything about one message except its content."""
+
+    sender: str  # "" for the null reverse-path <>
+    recipients: tuple[Recipient, ...]
+    helo: str
+    client_ip: str | None  # None for a UNIX socket peer
+    protocol: str  # the Received "with" keyword: ESMTP, ESMTPS, LMTP, ... (RFC 3848)
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+
+
+class GroupCommitter:
+    """Runs Maildir commits in threads, grouping those that queue up behind busy ones."""
+
+    def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4):
+        self._run_in_thread = run_in_thread
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._queue: list[tuple[list[IncomingMessage], defer.Deferred]] = []
+
+    def commit(self, messages: list[IncomingMessage]) -> defer.Deferred:
+        """Make ``messages`` durable; the Deferred fires with None once they are."""
+        done: defer.Deferred = defer.Deferred()
+        self._queue.append((messages, done))
+        if self._in_flight < self._max_in_flight:
+            self._start_group()
+        return done
+
+    def _start_group(self) -> None:
+        group, self._queue = self._queue, []
+        self._in_flight += 1
+        d = self._run_in_thread(commit_group, [messages for messages, _ in group])
+        d.addBoth(self._group_done, group)
+
+    def _group_done(self, outcomes, group) -> None:
+        self._in_flight -= 1
+        if isinstance(outcomes, Failure):
+            # commit_group itself failed (not one delivery's OSError): fail them all.
+            outcomes = [outcomes] * len(group)
+            for messages, _ in group:
+                for message in messages:
+                    message.abort()
+        for (_, done), outcome in zip(group, outcomes, strict=True):
+            if outcome is None:
+                done.callback(None)
+            else:
+                done.errback(outcome)
+        if self._queue and self._in_flight < self._max_in_flight:
+            self._start_group()
+
+
+def commit_group(groups: list[list[IncomingMessage]]) -> list[OSError | None]:
+    """Commit several deliveries in one thread call; one outcome per delivery.
+
+    Each delivery's files are fsynced and renamed on their own (a failure aborts only that
+    delivery); the ``new/`` directories of all of them are then fsynced once each.
+    """
+    outcomes: list[OSError | None] = []
+    waiting: dict[str, list[int]] = {}  # new/ directory -> deliveries that need its fsync
+    for index, messages in enumerate(groups):
+        try:
+            directories = maildir.publish(messages)
+        except OSError as e:
+            outcomes.append(e)
+            continue
+        outcomes.append(None)
+        for directory in directories:
+            waiting.setdefault(directory, []).append(index)
+    for directory, indexes in waiting.items():
+        try:
+            maildir.fsync_directory(directory)
+        except OSError as e:
+            for index in indexes:
+                outcomes[index] = e
+    return outcomes
+
+
+class Transaction:
+    """One message being written to every recipient user's ``tmp/``."""
+
+    def __init__(self, transaction_id: str, envelope: Envelope,
+                 copies: list[tuple[User, IncomingMessage]], committer: GroupCommitter):
+        self.id = transaction_id
+        self.envelope = envelope
+        self.size = 0  # body octets written (LF line ends, trace headers excluded)
+        self._copies = copies
+        self._committer = committer
+        self._error: OSError | None = None
+
+    @property
+    def users(self) -> list[User]:
+        return [user for user, _ in self._copies]
+
+    def write(self, data: bytes) -> None:
+        """Append LF-terminated body bytes to every copy.
+
+        A disk error aborts the transaction; :meth:`finish` then reports it.
+        """
+        if self._error is not None or not data:
+            return
+        self.size += len(data)
+        try:
+            for _, message in self._copies:
+                message.write(data)
+        except OSError as e:
+            log.error("{id}: cannot write message: {error}", id=self.id, error=e)
+            self._error = e
+            self.abort()
+
+    def finish(self) -> defer.Deferred:
+        """Make every copy durable; fires with None only once all of them are."""
+        if self._error is not None:
+            return defer.fail(self._error)
+        return self._committer.commit([message for _, message in self._copies])
+
+    def abort(self) -> None:
+        """Forget the message: close and remove every ``tmp/`` file."""
+        for _, message in self._copies:
+            message.abort()
+
+
+class Deliverer:
+    """Opens :class:`Transaction` objects in the Maildir store."""
+
+    def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred], *,
+                 hostname: str, now: Callable[[], float] = time.time,
+                 max_in_flight: int = 4):
+        self._store = store
+        self._hostname = hostname
+        self._now = now
+        self._committer = GroupCommitter(run_in_thread, max_in_flight)
+
+    def begin(self, envelope: Envelope) -> Transaction:
+        """Open one ``tmp/`` file per recipient user and write its trace headers.
+
+        Raises OSError (with nothing left behind) if a file cannot be created.
+        """
+        transaction_id = new_transaction_id()
+        date = email.utils.formatdate(self._now(), localtime=True)
+        copies: list[tuple[User, IncomingMessage]] = []
+        try:
+            for user, address in _users_and_first_address(envelope.recipients):
+                message = self._store.new_message(self._store.maildir(user))
+                copies.append((user, message))
+                message.write(trace_headers(envelope, user, address, self._hostname,
+                                            transaction_id, date))
+        except OSError:
+            for _, message in copies:
+                message.abort()
+            raise
+        return Transaction(transaction_id, envelope, copies, self._committer)
+
+
+def new_transaction_id() -> str:
+    """A short random id for "queued as", Received and the logs (base32, 13 characters)."""
+    return base64.b32encode(secrets.token_bytes(8)).decode("ascii").rstrip("=")
+
+
+def _users_and_first_address(recipients) -> list[tuple[User, str]]:
+    """Each user once, with the first recipient address that reached them."""
+    seen: dict[str, tuple[User, str]] = {}
+    for recipient in recipients:
+        for user in recipient.users:
+            seen.setdefault(user.name, (user, recipient.address))
+    return list(seen.values())
+
+
+def trace_headers(envelope: Envelope, user: User, address: str, hostname: str,
+                  transaction_id: str, date: str) -> bytes:
+    """``Return-Path``, ``Delivered-To`` and ``Received`` for one copy, LF-terminated."""
+    lines = [
+        f"Return-Path: <{envelope.sender}>",
+        f"Delivered-To: {user.name}",
+        received_header(envelope, address, hostname, transaction_id, date),
+    ]
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+def received_header(envelope: Envelope, address: str, hostname: str,
+                    transaction_id: str, date: str) -> str:
+    """An RFC 5321 §4.4 ``Received:`` line (folded, no line end)."""
+    clauses = [f"from {envelope.helo} ({_tcp_info(envelope.client_ip)})",
+               f"by {hostname} (popgate)",
+               f"with {envelope.protocol}",
+               f"id {transaction_id}"]
+    if envelope.tls:
+        clauses.append(f"({_describe_tls(envelope.tls)})")
+    clauses.append(f"for <{address}>;")
+    clauses.append(date)
+    return fold("Received:", clauses)
+
+
+def _tcp_info(client_ip: str | None) -> str:
+    """RFC 5321 §4.4 TCP-info; we do no reverse DNS, so the name is "unknown"."""
+    if client_ip is None:
+        return "local socket"
+    try:
+        version = ipaddress.ip_address(client_ip).version
+    except ValueError:
+        return f"unknown [{client_ip}]"
+    return f"unknown [IPv6:{client_ip}]" if version == 6 else f"unknown [{client_ip}]"
+
+
+def _describe_tls(description: str) -> str:
+    version, _, cipher = description.partition(" ")
+    if version.startswith("TLSv") and cipher:
+        return f"using {version} with cipher {cipher}"
+    return f"using {description}"
+
+
+def fold(name: str, words: list[str]) -> str:
+    """Join ``words`` after the header ``name``, folding with LF-TAB before 78 columns."""
+    lines = [name]
+    for word in words:
+        if len(lines[-1]) + 1 + len(word) > _MAX_HEADER_LINE and lines[-1] != name:
+            lines.append("\t" + word)
+        else:
+            lines[-1] += " " + word
+    return "\n".join(lines)

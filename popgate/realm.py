@@ -1,0 +1,175 @@
+"""The POP3 realm: what a successful login opens, and what logging out releases.
+
+:class:`MailboxRealm` is the ``twisted.cred`` realm behind the POP3 portal.  For an
+authenticated user it takes the user's exclusive Maildir lock (a ``flock``, so a second
+session in this process or in another popgate process on the same mail root is refused
+with :class:`~popgate.maildir.MailboxLocked`), scans the Maildir once and hands back a
+:class:`Mailbox`: the maildrop snapshot of RFC 1939 §4.  Messages delivered after the
+scan are not seen until the next session.
+
+A :class:`Mailbox` only *marks* messages.  The Maildir changes in one place,
+:meth:`Mailbox.commit`, which the protocol calls in the UPDATE state (QUIT); it unlinks
+the marked files and moves the retrieved ones from ``new/`` to ``cur/``.  The logout
+callable returned with the avatar releases the lock and deletes nothing, which is what a
+dropped connection or a timeout must do (RFC 1939 §6).
+
+Concurrency: everything here runs on the reactor thread except the disk work handed to
+the injected ``run_in_thread(f, *args) -> Deferred`` (the scan and the commit).  The lock
+is taken on the reactor thread: it is a non-blocking ``flock``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from zope.interface import Attribute, Interface, implementer
+
+from popgate.maildir import Maildir, MaildirStore, MessageInfo
+from popgate.users import UserDB
+
+RunInThread = Callable[..., defer.Deferred]
+
+
+class NoSuchMessage(Exception):
+    """A message number the client may not use; ``str()`` is the text for ``-ERR``."""
+
+
+class IMailbox(Interface):
+    """A POP3 maildrop: a numbered snapshot of one user's messages, with deletion marks.
+
+    Message numbers are those of RFC 1939: 1 to :meth:`count`, fixed for the session;
+    a message marked deleted keeps its number but may not be used again.
+    """
+
+    user = Attribute("The normalised name of the user (local@domain).")
+    retrieved_count = Attribute("How many distinct messages RETR has sent so far.")
+    deleted_count = Attribute("How many messages are marked deleted.")
+
+    def count() -> int:
+        """The number of messages in the snapshot, deleted ones included."""
+
+    def stat() -> tuple[int, int]:
+        """``(messages, octets)`` of the messages not marked deleted."""
+
+    def message(number: int) -> MessageInfo:
+        """The message ``number``; raise NoSuchMessage if it does not exist or is deleted."""
+
+    def listing() -> list[tuple[int, MessageInfo]]:
+        """``(number, message)`` for every message not marked deleted, in order."""
+
+    def delete(number: int) -> None:
+        """Mark message ``number`` deleted (raise NoSuchMessage as :meth:`message` does)."""
+
+    def undelete_all() -> None:
+        """Unmark every message (RSET)."""
+
+    def retrieved(number: int) -> None:
+        """Note that message ``number`` was sent whole, so that commit marks it seen."""
+
+    def commit() -> defer.Deferred:
+        """UPDATE state: remove the marked messages, mark the retrieved ones seen."""
+
+
+@implementer(IMailbox)
+class Mailbox:
+    """The maildrop snapshot of one POP3 session."""
+
+    def __init__(self, user: str, maildir: Maildir, messages: list[MessageInfo],
+                 run_in_thread: RunInThread):
+        self.user = user
+        self._maildir = maildir
+        self._messages = list(messages)
+        self._deleted: set[int] = set()
+        self._retrieved: set[int] = set()
+        self._run_in_thread = run_in_thread
+
+    @property
+    def retrieved_count(self) -> int:
+        return len(self._retrieved)
+
+    @property
+    def deleted_count(self) -> int:
+        return len(self._deleted)
+
+    def count(self) -> int:
+        return len(self._messages)
+
+    def stat(self) -> tuple[int, int]:
+        listing = self.listing()
+        return len(listing), sum(info.octets for _, info in listing)
+
+    def message(self, number: int) -> MessageInfo:
+        if not 1 <= number <= len(self._messages):
+            raise NoSuchMessage("No such message")
+        if number in self._deleted:
+            raise NoSuchMessage(f"Message {number} is deleted")
+        return self._messages[number - 1]
+
+    def listing(self) -> list[tuple[int, MessageInfo]]:
+        return [(number, info) for number, info in enumerate(self._messages, 1)
+                if number not in self._deleted]
+
+    def delete(self, number: int) -> None:
+        self.message(number)
+        self._deleted.add(number)
+
+    def undelete_all(self) -> None:
+        self._deleted.clear()
+
+    def retrieved(self, number: int) -> None:
+        self.message(number)
+        self._retrieved.add(number)
+
+    def commit(self) -> defer.Deferred:
+        doomed = [self._messages[n - 1] for n in sorted(self._deleted)]
+        seen = [self._messages[n - 1] for n in sorted(self._retrieved - self._deleted)]
+        if not doomed and not seen:
+            return defer.succeed(None)
+        return self._run_in_thread(_apply_update, self._maildir, doomed, seen)
+
+
+def _apply_update(maildir: Maildir, doomed: list[MessageInfo], seen: list[MessageInfo]):
+    """Runs in a thread: the Maildir side of the UPDATE state (RFC 1939 §6)."""
+    maildir.remove(doomed)
+    maildir.mark_seen(seen)
+
+
+@implementer(IRealm)
+class MailboxRealm:
+    """Opens a locked :class:`Mailbox` for a user the checker has authenticated."""
+
+    def __init__(self, users: UserDB, store: MaildirStore, run_in_thread: RunInThread):
+        self._users = users
+        self._store = store
+        self._run_in_thread = run_in_thread
+
+    def requestAvatar(self, avatarId, mind, *interfaces) -> defer.Deferred:
+        """Fire with ``(IMailbox, mailbox, logout)``.
+
+        Fails with MailboxLocked when another session holds the mailbox, with
+        UnauthorizedLogin when the user was removed since the password check, and with
+        the underlying error when the Maildir cannot be read (the lock is then released).
+        """
+        if IMailbox not in interfaces:
+            return defer.fail(NotImplementedError("popgate's realm only serves IMailbox"))
+        return defer.maybeDeferred(self._open, avatarId)
+
+    def _open(self, name: str) -> defer.Deferred:
+        user = self._users.get(name)
+        if user is None:
+            raise UnauthorizedLogin()
+        maildir = self._store.maildir(user)
+        lock = maildir.lock()
+
+        def opened(messages: list[MessageInfo]):
+            mailbox = Mailbox(user.name, maildir, messages, self._run_in_thread)
+            return IMailbox, mailbox, lock.release
+
+        def failed(failure):
+            lock.release()
+            return failure
+
+        return self._run_in_thread(maildir.scan).addCallbacks(opened, failed)

@@ -1,0 +1,349 @@
+"""Tests for popgate.delivery: routing decisions, trace headers, durable group commits.
+
+Real Maildirs in trial temp directories; ``run_in_thread`` stand-ins either run the work
+at once or hand back Deferreds the test fires itself.
+"""
+
+from __future__ import annotations
+
+import email
+import glob
+import os
+
+from twisted.internet import defer
+from twisted.trial.unittest import TestCase
+
+from popgate import config, maildir
+from popgate.addresses import parse_path
+from popgate.delivery import (
+    RELAY_DENIED,
+    UNKNOWN_USER,
+    Deliverer,
+    Envelope,
+    GroupCommitter,
+    Recipient,
+    Router,
+    commit_group,
+    fold,
+    received_header,
+)
+from popgate.maildir import MaildirStore
+from popgate.users import UserDB, UserFile, hash_password
+
+
+def synchronous(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+class Deferring:
+    """A run_in_thread that records calls; the test runs and fires them."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def run_next(self):
+        d, f, args = self.calls.pop(0)
+        d.callback(f(*args))
+
+
+class UsersFixture:
+    def setUp(self):
+        self.data_dir = self.mktemp()
+        os.makedirs(self.data_dir)
+        self.users_file = os.path.join(self.data_dir, "users")
+        for name in ("alice@example.org", "bob@example.org", "postmaster@example.net",
+                     "carol@example.net"):
+            self.add_user(name)
+        self.users = UserDB(self.users_file)
+
+    def add_user(self, name):
+        UserFile(self.users_file).add(name, hash_password("pw", "PLAIN"))
+
+    def make_config(self, **overrides):
+        settings = {"server.data_dir": self.data_dir, "server.hostname": "mx.example.net"}
+        settings.update(overrides)
+        return config.load(None, settings)
+
+
+class RouterTests(UsersFixture, TestCase):
+    def router(self, **overrides):
+        return Router(self.make_config(**overrides), self.users)
+
+    def resolve(self, router, address):
+        return router.resolve(parse_path(address, utf8=True))
+
+    def names(self, resolution):
+        self.assertIsNone(resolution.refusal)
+        return [user.name for user in resolution.users]
+
+    def test_local_domains(self):
+        router = self.router(**{"server.domains": ["Extra.Example"],
+                                "aliases.@alias.example": ["bob@example.org"]})
+        for domain in ("example.org", "example.net", "extra.example", "alias.example"):
+            self.assertTrue(router.is_local(domain), domain)
+        self.assertFalse(router.is_local("remote.example"))
+
+    def test_a_new_user_makes_a_new_local_domain(self):
+        router = self.router()
+        self.assertEqual(self.resolve(router, "<dan@new.example>").refusal, RELAY_DENIED)
+        self.add_user("dan@new.example")
+        self.assertEqual(self.names(self.resolve(router, "<dan@new.example>")),
+                         ["dan@new.example"])
+
+    def test_relay_forms_are_denied(self):
+        router = self.router()
+        for address in ["<alice@remote.example>", "<@a.example:alice@example.org>",
+                        "<alice%remote.example@example.org>", "<remote!alice@example.org>",
+                        '<"alice@remote.example"@example.org>', "<alice@[127.0.0.1]>",
+                        "<alice@[IPv6:::1]>"]:
+            self.assertEqual(self.resolve(router, address).refusal, RELAY_DENIED, address)
+
+    def test_unknown_user(self):
+        router = self.router()
+        self.assertEqual(self.resolve(router, "<nobody@example.org>").refusal, UNKNOWN_USER)
+        self.assertEqual(self.resolve(router, "<+tag@example.org>").refusal, UNKNOWN_USER)
+        self.assertEqual(self.resolve(router, "<jösé@example.org>").refusal, UNKNOWN_USER)
+
+    def test_case_and_sub_addresses(self):
+        router = self.router()
+        for address in ["<ALICE@EXAMPLE.ORG>", "<alice+x@example.org>", "<Alice+x+y@Example.org>",
+                        "<alice+@example.org>"]:
+            self.assertEqual(self.names(self.resolve(router, address)), ["alice@example.org"])
+
+    def test_alias_order(self):
+        router = self.router(**{
+            "aliases.alice@example.org": ["bob@example.org"],
+            "aliases.team@example.org": ["alice@example.org", "bob@example.org",
+                                         "alice@example.org"],
+            "aliases.@example.org": ["carol@example.net"],
+        })
+        self.assertEqual(self.names(self.resolve(router, "<alice@example.org>")),
+                         ["bob@example.org"])
+        self.assertEqual(self.names(self.resolve(router, "<Team+x@example.org>")),
+                         ["alice@example.org", "bob@example.org"])
+        self.assertEqual(self.names(self.resolve(router, "<bob@example.org>")),
+                         ["bob@example.org"])
+        self.assertEqual(self.names(self.resolve(router, "<other@example.org>")),
+                         ["carol@example.net"])
+
+    def test_alias_targets_must_exist(self):
+        router = self.router(**{
+            "aliases.some@example.org": ["gone@example.org", "bob@example.org"],
+            "aliases.none@example.org": ["gone@example.org"],
+        })
+        self.assertEqual(self.names(self.resolve(router, "<some@example.org>")),
+                         ["bob@example.org"])
+        self.assertEqual(self.resolve(router, "<none@example.org>").refusal, UNKNOWN_USER)
+
+    def test_postmaster_goes_to_the_configured_user(self):
+        router = self.router(**{"server.postmaster": "bob@example.org",
+                                "server.domains": ["extra.example"]})
+        for address in ["<postmaster@example.org>", "<PostMaster@example.net>",
+                        "<postmaster@extra.example>"]:
+            self.assertEqual(self.names(self.resolve(router, address)), ["bob@example.org"])
+        self.assertEqual(self.names(router.resolve_postmaster()), ["bob@example.org"])
+
+    def test_postmaster_without_configuration(self):
+        router = self.router()
+        self.assertEqual(self.names(self.resolve(router, "<postmaster@example.net>")),
+                         ["postmaster@example.net"])
+        self.assertEqual(self.resolve(router, "<postmaster@example.org>").refusal,
+                         UNKNOWN_USER)
+        self.assertEqual(self.names(router.resolve_postmaster()), ["postmaster@example.net"])
+
+    def test_configured_postmaster_missing_falls_back(self):
+        router = self.router(**{"server.postmaster": "gone@example.org"})
+        self.assertEqual(self.names(self.resolve(router, "<postmaster@example.net>")),
+                         ["postmaster@example.net"])
+
+
+ENVELOPE = Envelope(sender="sender@remote.example", recipients=(), helo="client.example",
+                    client_ip="192.0.2.5", protocol="ESMTP")
+
+
+class DelivererTests(UsersFixture, TestCase):
+    def setUp(self):
+        super().setUp()
+        self.store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
+        self.deliverer = Deliverer(self.store, synchronous, hostname="mx.example.net",
+                                   now=lambda: 1_700_000_000.0)
+
+    def envelope(self, *addresses, **changes):
+        router = Router(self.make_config(**{"aliases.all@example.org": [
+            "alice@example.org", "bob@example.org"]}), self.users)
+        recipients = tuple(
+            Recipient(address, router.resolve(parse_path(f"<{address}>")).users)
+            for address in addresses)
+        fields = {**ENVELOPE.__dict__, "recipients": recipients, **changes}
+        return Envelope(**fields)
+
+    def files(self, user, sub="new"):
+        local, domain = user.split("@")
+        return sorted(glob.glob(os.path.join(self.data_dir, "mail", domain, local, "Maildir",
+                                             sub, "*")))
+
+    def read(self, user):
+        [path] = self.files(user)
+        with open(path, "rb") as f:
+            return path, f.read()
+
+    def test_one_copy_per_user_with_its_own_trace_headers(self):
+        transaction = self.deliverer.begin(self.envelope(
+            "alice+x@example.org", "all@example.org"))
+        self.assertEqual(len(self.files("alice@example.org", "tmp")), 1)
+        transaction.write(b"Subject: hi\n\n")
+        transaction.write(b"body\n")
+        self.successResultOf(transaction.finish())
+        _, alice = self.read("alice@example.org")
+        _, bob = self.read("bob@example.org")
+        self.assertTrue(alice.startswith(b"Return-Path: <sender@remote.example>\n"
+                                         b"Delivered-To: alice@example.org\nReceived: "))
+        self.assertIn(b"for <alice+x@example.org>;", alice)
+        self.assertIn(b"Delivered-To: bob@example.org\n", bob)
+        self.assertIn(b"for <all@example.org>;", bob)
+        self.assertIn(f" id {transaction.id} ".encode(), alice.replace(b"\n\t", b" "))
+        self.assertTrue(alice.endswith(b"\nSubject: hi\n\nbody\n"))
+        self.assertEqual(self.files("alice@example.org", "tmp"), [])
+        self.assertEqual(transaction.size, len(b"Subject: hi\n\nbody\n"))
+
+    def test_file_name_carries_both_sizes(self):
+        transaction = self.deliverer.begin(self.envelope("alice@example.org"))
+        transaction.write(b"a\nb\n")
+        self.successResultOf(transaction.finish())
+        path, content = self.read("alice@example.org")
+        crlf_octets = len(content) + content.count(b"\n")
+        self.assertTrue(path.endswith(f",S={len(content)},W={crlf_octets}"), path)
+
+    def test_null_sender(self):
+        transaction = self.deliverer.begin(self.envelope("alice@example.org", sender=""))
+        self.successResultOf(transaction.finish())
+        self.assertTrue(self.read("alice@example.org")[1].startswith(b"Return-Path: <>\n"))
+
+    def test_abort_leaves_nothing(self):
+        transaction = self.deliverer.begin(self.envelope("alice@example.org", "bob@example.org"))
+        transaction.write(b"partial\n")
+        transaction.abort()
+        for user in ("alice@example.org", "bob@example.org"):
+            self.assertEqual(self.files(user, "tmp") + self.files(user), [])
+
+    def test_begin_fails_cleanly(self):
+        opened = []
+        real = self.store.new_message
+
+        def second_fails(md):
+            if opened:
+                raise OSError(24, "Too many open files")
+            opened.append(real(md))
+            return opened[-1]
+
+        self.store.new_message = second_fails
+        self.assertRaises(OSError, self.deliverer.begin,
+                          self.envelope("alice@example.org", "bob@example.org"))
+        self.assertEqual(self.files("alice@example.org", "tmp"), [])
+
+    def test_write_error_fails_finish(self):
+        transaction = self.deliverer.begin(self.envelope("alice@example.org"))
+
+        def full(data):
+            raise OSError(28, "No space left on device")
+
+        transaction._copies[0][1].write = full
+        transaction.write(b"data\n")
+        transaction.write(b"more\n")
+        self.failureResultOf(transaction.finish(), OSError)
+        self.assertEqual(self.files("alice@example.org", "tmp"), [])
+        self.assertEqual(self.files("alice@example.org"), [])
+
+
+class ReceivedHeaderTests(TestCase):
+    def header(self, **changes):
+        envelope = Envelope(**{**ENVELOPE.__dict__, **changes})
+        return received_header(envelope, "alice@example.org", "mx.example.net", "ABC123",
+                               "Tue, 14 Nov 2023 22:13:20 +0000")
+
+    def test_form(self):
+        header = self.header()
+        self.assertEqual(header.replace("\n\t", " "), (
+            "Received: from client.example (unknown [192.0.2.5]) by mx.example.net (popgate) "
+            "with ESMTP id ABC123 for <alice@example.org>; Tue, 14 Nov 2023 22:13:20 +0000"))
+        parsed = email.message_from_string(header + "\n\n")
+        self.assertIn("by mx.example.net (popgate)", parsed["Received"])
+
+    def test_folded_within_78_columns(self):
+        header = self.header(tls="TLSv1.3 TLS_AES_256_GCM_SHA384", protocol="ESMTPS")
+        lines = header.split("\n")
+        self.assertGreater(len(lines), 1)
+        self.assertTrue(all(len(line) <= 78 for line in lines), lines)
+        self.assertTrue(all(line.startswith("\t") for line in lines[1:]))
+
+    def test_tls(self):
+        header = self.header(tls="TLSv1.3 TLS_AES_256_GCM_SHA384", protocol="ESMTPS")
+        self.assertIn("with ESMTPS id ABC123 (using TLSv1.3 with cipher "
+                      "TLS_AES_256_GCM_SHA384) for", header.replace("\n\t", " "))
+
+    def test_peers(self):
+        self.assertIn("(unknown [IPv6:2001:db8::1])", self.header(client_ip="2001:db8::1"))
+        self.assertIn("from client.example (local socket)", self.header(client_ip=None))
+
+    def test_fold_keeps_long_words_whole(self):
+        folded = fold("X:", ["a" * 100, "b"])
+        self.assertEqual(folded, "X: " + "a" * 100 + "\n\tb")
+
+
+class GroupCommitTests(UsersFixture, TestCase):
+    def setUp(self):
+        super().setUp()
+        self.store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
+
+    def message(self, user="alice@example.org", text=b"hello\n"):
+        message = self.store.new_message(self.store.maildir(self.users.get(user)))
+        message.write(text)
+        return message
+
+    def test_deliveries_waiting_for_a_busy_committer_share_one_thread_call(self):
+        threads = Deferring()
+        committer = GroupCommitter(threads, max_in_flight=1)
+        first = committer.commit([self.message()])
+        later = [committer.commit([self.message()]) for _ in range(3)]
+        self.assertEqual(len(threads.calls), 1)
+        self.assertNoResult(first)
+        threads.run_next()
+        self.successResultOf(first)
+        [(_, _, (groups,))] = threads.calls
+        self.assertEqual(len(groups), 3)
+        for d in later:
+            self.assertNoResult(d)
+        threads.run_next()
+        for d in later:
+            self.successResultOf(d)
+        self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
+                         4)
+
+    def test_directory_fsync_is_shared(self):
+        synced = []
+        self.patch(maildir, "fsync_directory", synced.append)
+        outcomes = commit_group([[self.message()], [self.message()],
+                                 [self.message("bob@example.org")]])
+        self.assertEqual(outcomes, [None, None, None])
+        self.assertEqual(len(synced), 2)
+
+    def test_one_failure_does_not_fail_the_group(self):
+        bad = self.message("bob@example.org")
+        os.rmdir(os.path.join(bad.maildir.path, "new"))
+        good = self.message()
+        outcomes = commit_group([[bad], [good]])
+        self.assertIsInstance(outcomes[0], OSError)
+        self.assertIsNone(outcomes[1])
+        self.assertFalse(os.path.exists(bad.tmp_path))
+        self.assertTrue(os.path.exists(good.final_path))
+
+    def test_a_failed_thread_call_fails_every_delivery(self):
+        committer = GroupCommitter(lambda f, *a: defer.fail(RuntimeError("pool gone")))
+        message = self.message()
+        self.failureResultOf(committer.commit([message]), RuntimeError)
+        self.assertFalse(os.path.exists(message.tmp_path))

@@ -1,0 +1,237 @@
+"""Tests for popgate.limits: connection caps, failed-login delays, log rate limiting."""
+
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from popgate.limits import (
+    AuthPenalty,
+    ConnectionLimiter,
+    LogLimiter,
+    in_networks,
+    is_loopback,
+    parse_networks,
+)
+
+
+class ConnectionLimiterTests(unittest.TestCase):
+    def test_per_ip_cap(self):
+        limiter = ConnectionLimiter(max_total=100, max_per_ip=2)
+        self.assertIsNone(limiter.acquire("192.0.2.1"))
+        self.assertIsNone(limiter.acquire("192.0.2.1"))
+        self.assertEqual(limiter.acquire("192.0.2.1"), "too many sessions from your address")
+        # Another address is not affected.
+        self.assertIsNone(limiter.acquire("192.0.2.2"))
+        self.assertEqual(limiter.total, 3)
+
+    def test_total_cap(self):
+        limiter = ConnectionLimiter(max_total=3, max_per_ip=10)
+        for n in range(3):
+            self.assertIsNone(limiter.acquire(f"192.0.2.{n}"))
+        self.assertEqual(limiter.acquire("192.0.2.99"), "too many sessions")
+        self.assertEqual(limiter.total, 3)
+
+    def test_total_cap_applies_to_trusted(self):
+        limiter = ConnectionLimiter(max_total=2, max_per_ip=1,
+                                    trusted=parse_networks(["10.0.0.0/8"]))
+        self.assertIsNone(limiter.acquire("10.1.1.1"))
+        self.assertIsNone(limiter.acquire("10.1.1.1"))
+        self.assertEqual(limiter.acquire("10.1.1.1"), "too many sessions")
+
+    def test_refusal_not_counted(self):
+        limiter = ConnectionLimiter(max_total=10, max_per_ip=1)
+        self.assertIsNone(limiter.acquire("192.0.2.1"))
+        for _ in range(5):
+            self.assertIsNotNone(limiter.acquire("192.0.2.1"))
+        limiter.release("192.0.2.1")
+        self.assertEqual(limiter.total, 0)
+        self.assertIsNone(limiter.acquire("192.0.2.1"))
+
+    def test_release_frees(self):
+        limiter = ConnectionLimiter(max_total=2, max_per_ip=1)
+        self.assertIsNone(limiter.acquire("192.0.2.1"))
+        self.assertIsNone(limiter.acquire("192.0.2.2"))
+        self.assertEqual(limiter.acquire("192.0.2.3"), "too many sessions")
+        limiter.release("192.0.2.1")
+        self.assertEqual(limiter.total, 1)
+        self.assertIsNone(limiter.acquire("192.0.2.3"))
+        self.assertEqual(limiter.acquire("192.0.2.2"), "too many sessions")
+        limiter.release("192.0.2.2")
+        self.assertEqual(limiter.acquire("192.0.2.2"), None)
+
+    def test_release_forgets_idle_addresses(self):
+        limiter = ConnectionLimiter(max_total=10, max_per_ip=2)
+        for n in range(5):
+            limiter.acquire(f"192.0.2.{n}")
+            limiter.release(f"192.0.2.{n}")
+        self.assertEqual(limiter.total, 0)
+        self.assertEqual(len(limiter._per_ip), 0)  # no memory kept per past client
+
+    def test_trusted_network_exempt_from_per_ip(self):
+        limiter = ConnectionLimiter(max_total=100, max_per_ip=1,
+                                    trusted=parse_networks(["203.0.113.0/24", "2001:db8::/32"]))
+        for _ in range(5):
+            self.assertIsNone(limiter.acquire("203.0.113.7"))
+            self.assertIsNone(limiter.acquire("2001:db8::25"))
+        self.assertIsNone(limiter.acquire("198.51.100.1"))
+        self.assertIsNotNone(limiter.acquire("198.51.100.1"))
+        self.assertIsNone(limiter.acquire("2001:db9::1"))
+        self.assertIsNotNone(limiter.acquire("2001:db9::1"))
+
+    def test_trusted_ipv4_mapped_ipv6(self):
+        """A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d."""
+        limiter = ConnectionLimiter(max_total=100, max_per_ip=1,
+                                    trusted=parse_networks(["203.0.113.0/24"]))
+        for _ in range(3):
+            self.assertIsNone(limiter.acquire("::ffff:203.0.113.7"))
+        self.assertIsNone(limiter.acquire("::ffff:198.51.100.1"))
+        self.assertIsNotNone(limiter.acquire("::ffff:198.51.100.1"))
+
+    def test_unix_socket_peer_not_trusted_network(self):
+        limiter = ConnectionLimiter(max_total=100, max_per_ip=1,
+                                    trusted=parse_networks(["0.0.0.0/0"]))
+        self.assertIsNone(limiter.acquire("/run/popgate.sock"))
+        self.assertIsNotNone(limiter.acquire("/run/popgate.sock"))
+
+
+class NetworkTests(unittest.TestCase):
+    def test_parse_networks_not_strict(self):
+        networks = parse_networks(["10.1.2.3/8", "::1"])
+        self.assertEqual([str(n) for n in networks], ["10.0.0.0/8", "::1/128"])
+
+    def test_parse_networks_invalid(self):
+        self.assertRaises(ValueError, parse_networks, ["not-a-network"])
+
+    def test_in_networks(self):
+        networks = parse_networks(["10.0.0.0/8", "fd00::/8"])
+        self.assertTrue(in_networks("10.200.0.1", networks))
+        self.assertTrue(in_networks("::ffff:10.0.0.1", networks))
+        self.assertTrue(in_networks("fd12::1", networks))
+        self.assertFalse(in_networks("11.0.0.1", networks))
+        self.assertFalse(in_networks("fe80::1", networks))
+        self.assertFalse(in_networks("example.org", networks))
+        self.assertFalse(in_networks("10.0.0.1", ()))
+
+    def test_is_loopback(self):
+        for host in ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"]:
+            self.assertTrue(is_loopback(host), host)
+        for host in ["10.0.0.1", "192.0.2.1", "::ffff:10.0.0.1", "2001:db8::1", "0.0.0.0",
+                     "::"]:
+            self.assertFalse(is_loopback(host), host)
+
+    def test_unix_socket_is_local(self):
+        self.assertTrue(is_loopback("/run/popgate/pop3.sock"))
+        self.assertTrue(is_loopback(""))
+
+
+class AuthPenaltyTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000)  # a realistic, non-zero time
+        self.penalty = AuthPenalty(self.clock, base=2.0, maximum=15.0, window=600.0)
+
+    def failure(self, password=b"guess", host="192.0.2.1", username=b"alice@example.org"):
+        self.penalty.failed(host, username, password)
+
+    def test_growing_delays_capped(self):
+        delays = [self.penalty.delay("192.0.2.1")]
+        for n in range(6):
+            self.failure(b"guess%d" % n)
+            delays.append(self.penalty.delay("192.0.2.1"))
+        self.assertEqual(delays, [0, 2, 4, 8, 15, 15, 15])
+
+    def test_same_wrong_password_counts_once(self):
+        for _ in range(10):
+            self.failure(b"stale-password")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.failure(b"another")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+
+    def test_same_password_other_user_counts(self):
+        self.failure(b"pw", username=b"alice@example.org")
+        self.failure(b"pw", username=b"bob@example.org")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+
+    def test_username_password_boundary(self):
+        # ("ab", "c") and ("a", "bc") are different attempts.
+        self.failure(b"c", username=b"ab")
+        self.failure(b"bc", username=b"a")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+
+    def test_per_ip(self):
+        self.failure(b"1")
+        self.failure(b"2")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+        self.assertEqual(self.penalty.delay("192.0.2.2"), 0)
+
+    def test_success_resets(self):
+        self.failure(b"1")
+        self.failure(b"2")
+        self.penalty.succeeded("192.0.2.1")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 0)
+        self.failure(b"1")  # counted again after a reset
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+
+    def test_success_elsewhere_does_not_reset(self):
+        self.failure(b"1")
+        self.penalty.succeeded("192.0.2.2")
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+
+    def test_window_expiry(self):
+        self.failure(b"1")
+        self.failure(b"2")
+        self.clock.advance(600)
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)  # still inside the window
+        self.clock.advance(1)
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 0)
+        self.failure(b"1")  # the old attempts are forgotten too
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+
+    def test_window_counts_from_last_failure(self):
+        self.failure(b"1")
+        self.clock.advance(500)
+        self.failure(b"2")
+        self.clock.advance(500)
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+
+    def test_repeat_keeps_window_open(self):
+        self.failure(b"same")
+        self.clock.advance(500)
+        self.failure(b"same")
+        self.clock.advance(500)
+        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+
+    def test_memory_bounded_under_spray(self):
+        for n in range(10_050):
+            self.penalty.failed(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", b"u", b"p")
+        self.clock.advance(601)
+        self.penalty.failed("192.0.2.1", b"u", b"p")
+        self.assertLessEqual(len(self.penalty._failures), 1)
+
+
+class LogLimiterTests(unittest.TestCase):
+    def test_once_per_interval(self):
+        clock = Clock()
+        limiter = LogLimiter(clock, interval=60)
+        self.assertTrue(limiter.allow(("refused", "192.0.2.1")))
+        self.assertFalse(limiter.allow(("refused", "192.0.2.1")))
+        self.assertTrue(limiter.allow(("refused", "192.0.2.2")))
+        clock.advance(59)
+        self.assertFalse(limiter.allow(("refused", "192.0.2.1")))
+        clock.advance(1)
+        self.assertTrue(limiter.allow(("refused", "192.0.2.1")))
+        self.assertFalse(limiter.allow(("refused", "192.0.2.1")))
+
+    def test_default_interval(self):
+        clock = Clock()
+        limiter = LogLimiter(clock)
+        self.assertTrue(limiter.allow("k"))
+        clock.advance(59.9)
+        self.assertFalse(limiter.allow("k"))
+        clock.advance(0.1)
+        self.assertTrue(limiter.allow("k"))
+
+    def test_memory_bounded(self):
+        limiter = LogLimiter(Clock())
+        for n in range(20_000):
+            limiter.allow(n)
+        self.assertLessEqual(len(limiter._last), 10_001)
