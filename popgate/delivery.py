@@ -29,8 +29,12 @@
   copies of the message).  :meth:`Transaction.finish` makes the files durable: fsync,
   rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
 
-Concurrency: everything here runs on the reactor thread except the durable part, which
-:class:`GroupCommitter` hands to the injected ``run_in_thread``.  At most
+Concurrency: the reactor thread routes, and writes body chunks to the open files (buffered
+page-cache writes).  Creating the files (:meth:`Deliverer.begin`) and making them durable
+(:class:`GroupCommitter`) block on the file system's journal, so they run through the
+injected ``run_in_thread``; the pool threads only create directories and uniquely named
+files through :class:`~popgate.maildir.MaildirStore`, whose per-user cache tolerates
+concurrent first uses (the same directories created twice, ``exist_ok``).  At most
 ``max_in_flight`` commits run at once; transactions that finish while all are busy are
 committed together in the next thread call, sharing the ``new/`` directory fsyncs (group
 commit).  A transaction's Deferred fires only after its own files and directories are
@@ -290,17 +294,27 @@ class Deliverer:
                  hostname: str, now: Callable[[], float] = time.time,
                  max_in_flight: int = 4):
         self._store = store
+        self._run_in_thread = run_in_thread
         self._hostname = hostname
         self._now = now
         self._committer = GroupCommitter(run_in_thread, max_in_flight)
 
-    def begin(self, envelope: Envelope) -> Transaction:
-        """Open one ``tmp/`` file per recipient user and write its trace headers.
+    def begin(self, envelope: Envelope) -> defer.Deferred:
+        """Open one ``tmp/`` file per recipient user, in a thread; fires with a Transaction.
 
-        Raises OSError (with nothing left behind) if a file cannot be created.
+        Creating files blocks while the file system commits its journal (other sessions'
+        fsyncs), so it is kept off the reactor too.  Fails with OSError, leaving nothing
+        behind, if a file cannot be created.
         """
         transaction_id = new_transaction_id()
         date = email.utils.formatdate(self._now(), localtime=True)
+        d = self._run_in_thread(self._open_copies, envelope, transaction_id, date)
+        return d.addCallback(
+            lambda copies: Transaction(transaction_id, envelope, copies, self._committer))
+
+    def _open_copies(self, envelope: Envelope, transaction_id: str,
+                     date: str) -> list[tuple[User, IncomingMessage]]:
+        """Runs in a pool thread: create the ``tmp/`` files and write the trace headers."""
         copies: list[tuple[User, IncomingMessage]] = []
         try:
             for user, address in _users_and_first_address(envelope.recipients):
@@ -312,7 +326,7 @@ class Deliverer:
             for _, message in copies:
                 message.abort()
             raise
-        return Transaction(transaction_id, envelope, copies, self._committer)
+        return copies
 
 
 def new_transaction_id() -> str:

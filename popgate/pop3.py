@@ -306,8 +306,11 @@ class POP3Server(protocol.Protocol):
             return
         self._process_input()
 
+    def _command_in_progress(self) -> bool:
+        return self._busy or self._stream is not None
+
     def _can_process(self) -> bool:
-        return not (self._busy or self._stream or self._output_paused or self._closing)
+        return not (self._command_in_progress() or self._output_paused or self._closing)
 
     def _process_input(self) -> None:
         """Run the complete lines in the buffer, in order, while nothing is in progress."""
@@ -325,9 +328,14 @@ class POP3Server(protocol.Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
+        """Stop reading while a command is in progress; read again when it is done.
+
+        A full output buffer alone does not stop reading: a TLS layer still handshaking
+        pauses us and must read to finish.  Input then waits in the (bounded) buffer.
+        """
         if self._closing:
             return
-        want = self._can_process()
+        want = not self._command_in_progress()
         if want != self._reading:
             self._reading = want
             if want:

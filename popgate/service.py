@@ -9,8 +9,10 @@ the service starts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import threading
 from functools import partial
 
 from twisted.application.service import MultiService, Service
@@ -18,6 +20,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from popgate.config import Config
 from popgate.limits import AuthPenalty, ConnectionLimiter, parse_networks
@@ -30,6 +33,36 @@ from popgate.users import PasswordChecker, UserDB
 log = Logger()
 
 
+class AuthThreadPool(Service):
+    """A small thread pool for password hashing, run at a lower CPU priority.
+
+    Argon2 is meant to be expensive; a burst of logins must queue behind each other, not
+    take the CPU away from the reactor thread that serves every open session.
+    """
+
+    def __init__(self, reactor, size: int = 2):
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=size, name="popgate-auth")
+
+    def startService(self) -> None:
+        super().startService()
+        self._pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._pool.stop()
+
+    def run(self, f, *args):
+        return threads.deferToThreadPool(self._reactor, self._pool, _at_low_priority, f, *args)
+
+
+def _at_low_priority(f, *args):
+    # On Linux each thread has its own nice value; lowering it again is a no-op.
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    return f(*args)
+
+
 class ListenerService(Service):
     """Listen on one endpoint string; log where, and stop listening on stop."""
 
@@ -39,12 +72,20 @@ class ListenerService(Service):
         self.factory = factory
         self.label = label
         self.port = None
+        self._listen_called = False
 
-    def startService(self) -> None:
-        super().startService()
+    def privilegedStartService(self) -> None:
+        # Before twistd drops privileges (--uid), so that ports below 1024 work.
+        super().privilegedStartService()
+        self._listen_called = True
         endpoint = serverFromString(self._reactor, self.description)
         d = endpoint.listen(self.factory)
         d.addCallbacks(self._listening, self._failed)
+
+    def startService(self) -> None:
+        if not self._listen_called:
+            self.privilegedStartService()  # started without twistd (tests, embedding)
+        super().startService()
 
     def _listening(self, port) -> None:
         self.port = port
@@ -59,10 +100,22 @@ class ListenerService(Service):
 
     def stopService(self):
         super().stopService()
+        self._listen_called = False
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
         return None
+
+
+class ReadyService(Service):
+    """Log "popgate ready" once the reactor runs (signal handlers installed)."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(log.info, "popgate ready")
 
 
 class StorageService(Service):
@@ -111,6 +164,8 @@ def makeService(config: Config, reactor=None) -> MultiService:
 
     top = MultiService()
     StorageService(config, store).setServiceParent(top)
+    auth_threads = AuthThreadPool(reactor)
+    auth_threads.setServiceParent(top)
     if tls is not None:
         TLSReloadService(reactor, tls).setServiceParent(top)
 
@@ -123,7 +178,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
             smtp(lmtp=True, limiter=_limiter(config, trusted)))
 
     portal = Portal(MailboxRealm(users, store, run_in_thread),
-                    [PasswordChecker(users, run_in_thread)])
+                    [PasswordChecker(users, auth_threads.run)])
     limits = config.limits
     penalty = AuthPenalty(reactor, limits.auth_delay, limits.auth_delay_max,
                           limits.penalty_window)
@@ -131,6 +186,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
                    limiter=_limiter(config, trusted), penalty=penalty, tls=tls)
     _listen(top, reactor, "POP3", config.pop3.listen, pop3())
     _listen(top, reactor, "POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+    ReadyService(reactor).setServiceParent(top)
     return top
 
 

@@ -73,7 +73,7 @@ class Mode(enum.Enum):
 
 
 class CommandError(Exception):
-    """A command refused with a reply; counts towards ``smtp.max_errors``."""
+    """A command refused with a reply; 5xx ones count towards ``smtp.max_errors``."""
 
     def __init__(self, code: int, enhanced: str, text: str):
         super().__init__(f"{code} {enhanced} {text}")
@@ -130,6 +130,12 @@ class SMTPServer(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            # A reply that follows a thread hop (354, 250 after fsync) must not wait for
+            # the client's delayed ACK of the previous one (Nagle); Twisted already
+            # coalesces the replies written in one reactor turn into one segment.
+            no_delay(True)
         self.log.info("{proto} connection from {peer}{tls}", proto=self._name,
                       peer=self._peer(), tls=" (implicit TLS)" if self._tls else "")
         kind = "LMTP" if self.factory.lmtp else "ESMTP"
@@ -185,13 +191,16 @@ class SMTPServer(protocol.Protocol):
         """The connection is going away; connectionLost does the cleaning up."""
 
     def _update_reading(self) -> None:
-        """Stop reading the transport while a reply is owed or the input backs up.
+        """Stop reading the transport while input waits behind an owed reply.
 
-        A full output buffer alone does not stop reading: under TLS the greeting waits in
-        the TLS layer until the handshake, which needs the transport to keep reading.
+        Reading stops once input arrives while a reply is owed (not before: most waits end
+        with nothing behind them, and each pause costs two system calls), or once 64 KiB
+        waits behind a full output buffer.  A full output buffer alone does not stop
+        reading: under TLS the greeting waits in the TLS layer until the handshake, which
+        needs the transport to keep reading.
         """
         backlog = len(self._buffer) - self._position
-        pause = self._waiting or (self._output_full and backlog >= MAX_BACKLOG)
+        pause = (self._waiting and backlog > 0) or (self._output_full and backlog >= MAX_BACKLOG)
         if pause != self._reading_paused and self._mode is not Mode.CLOSED:
             self._reading_paused = pause
             if pause:
@@ -203,14 +212,19 @@ class SMTPServer(protocol.Protocol):
 
     def _restart_idle_timer(self) -> None:
         """Command timeout between commands, data timeout per block (RFC 5321 §4.5.3.2)."""
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.cancel()
-        self._idle_timer = None
+        timer = self._idle_timer
         if self._mode is Mode.CLOSED or self._waiting:
-            return  # while we owe an answer, the client is not the one who is late
+            # While we owe an answer, the client is not the one who is late.
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._idle_timer = None
+            return
         in_data = self._mode in (Mode.DATA, Mode.CHUNK)
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
-        self._idle_timer = self.factory.clock.callLater(timeout, self._timed_out, "timeout")
+        if timer is not None and timer.active():
+            timer.reset(timeout)  # cheaper than a new DelayedCall, and this runs per command
+        else:
+            self._idle_timer = self.factory.clock.callLater(timeout, self._timed_out, "timeout")
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._session_timer):
@@ -232,7 +246,7 @@ class SMTPServer(protocol.Protocol):
         self._buffer += data
         if self._mode in (Mode.DATA, Mode.CHUNK):
             self._restart_idle_timer()
-        if self._output_full:
+        if self._waiting or self._output_full:
             self._update_reading()
         self._process()
 
@@ -346,7 +360,6 @@ class SMTPServer(protocol.Protocol):
         """Stop reading input until ``d`` (which writes the reply) has fired."""
         self._waiting = True
         self._restart_idle_timer()
-        self._update_reading()
         d.addErrback(self._internal_error)
         d.addBoth(self._done_waiting)
 
@@ -374,7 +387,6 @@ class SMTPServer(protocol.Protocol):
         self._recipients: list[Recipient] = []
         self._body = "7BIT"
         self._smtputf8 = False
-        self._transaction = None
         self._chunking = False  # BDAT started this transaction (DATA is then out of order)
         self._size = 0  # message octets received, counted as sent (CRLF line ends)
         self._too_big = False
@@ -540,7 +552,11 @@ class SMTPServer(protocol.Protocol):
         if not self._recipients:
             raise CommandError(554, "5.5.1", "Error: no valid recipients")
 
-    def _open_transaction(self) -> None:
+    def _open_transaction(self, opened, failed) -> None:
+        """Open the message files (asynchronously; no input is read meanwhile).
+
+        Then ``opened()`` runs with the transaction in place, or ``failed(refusal)``.
+        """
         envelope = Envelope(
             sender=self._sender,
             recipients=tuple(self._recipients),
@@ -549,12 +565,25 @@ class SMTPServer(protocol.Protocol):
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self._tls else None,
         )
-        try:
-            self._transaction = self.factory.deliverer.begin(envelope)
-        except OSError as e:
+        d = self.factory.deliverer.begin(envelope)
+        d.addCallbacks(self._transaction_opened, self._transaction_not_opened,
+                       callbackArgs=(opened,), errbackArgs=(failed,))
+        self._wait_for(d)
+
+    def _transaction_opened(self, transaction, opened) -> None:
+        if self._mode is Mode.CLOSED:
+            transaction.abort()
+            return
+        self._transaction = transaction
+        opened()
+
+    def _transaction_not_opened(self, failure, failed) -> None:
+        if failure.check(OSError):
             self.log.error("cannot open a message for {rcpts}: {error}",
-                           rcpts=[r.address for r in self._recipients], error=e)
-            raise CommandError(451, "4.3.0", "Error: cannot store the message now") from None
+                           rcpts=[r.address for r in self._recipients], error=failure.value)
+        else:
+            self.log.failure("cannot open a message", failure)
+        failed(Refusal(451, "4.3.0", "Error: cannot store the message now"))
 
     def smtp_DATA(self, argument: str) -> None:
         if argument:
@@ -563,7 +592,9 @@ class SMTPServer(protocol.Protocol):
         if self._body == "BINARYMIME" or self._chunking:
             # RFC 3030 §3: BINARYMIME needs BDAT; DATA and BDAT do not mix.
             raise _sequence("Error: use BDAT for this message")
-        self._open_transaction()
+        self._open_transaction(self._start_data, self._answer)
+
+    def _start_data(self) -> None:
         self._decoder = DataDecoder()
         self._mode = Mode.DATA
         # RFC 2034 §4 allows 354 without an enhanced code; clients expect it bare.
@@ -646,23 +677,32 @@ class SMTPServer(protocol.Protocol):
 
     def smtp_BDAT(self, argument: str) -> None:
         size, last = _parse_bdat(argument)
-        self._chunk = _Chunk(size, last, self._start_chunk())
-        self._mode = Mode.CHUNK
-        self._restart_idle_timer()
-        if size == 0:
-            self._end_of_chunk()
-
-    def _start_chunk(self) -> Refusal | None:
-        """Why this chunk cannot be taken; it is read anyway, then refused (RFC 3030 §2)."""
+        chunk = _Chunk(size, last, None)
         try:
             self._check_ready_for_data()
-            if self._transaction is None:
-                self._open_transaction()
-                self._chunking = True
-                self._chunk_decoder = ChunkDecoder()
         except CommandError as e:
-            return e.refusal
-        return None
+            chunk.refusal = e.refusal  # the chunk is read anyway, then refused (RFC 3030 §2)
+        if chunk.refusal is not None or self._transaction is not None:
+            self._start_chunk(chunk)
+            return
+
+        def opened():
+            self._chunking = True
+            self._chunk_decoder = ChunkDecoder()
+            self._start_chunk(chunk)
+
+        def failed(refusal: Refusal):
+            chunk.refusal = refusal
+            self._start_chunk(chunk)
+
+        self._open_transaction(opened, failed)
+
+    def _start_chunk(self, chunk: _Chunk) -> None:
+        self._chunk = chunk
+        self._mode = Mode.CHUNK
+        self._restart_idle_timer()
+        if chunk.size == 0:
+            self._end_of_chunk()
 
     def _read_chunk(self) -> bool:
         chunk = self._chunk

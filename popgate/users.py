@@ -50,11 +50,17 @@ class UserError(Exception):
     """A user-database problem worth showing to the operator as is."""
 
 
+def _argon2_hasher() -> argon2.PasswordHasher:
+    # Dovecot's parameters (m=64 MiB, t=3, p=1): one lane, so a hash never spawns helper
+    # threads that compete with the reactor; verification reads the parameters from the hash.
+    return argon2.PasswordHasher(time_cost=3, memory_cost=65536, parallelism=1)
+
+
 def hash_password(password: str, scheme: str = DEFAULT_SCHEME) -> str:
     """Return the stored form ``{SCHEME}...`` of ``password``."""
     secret = password.encode("utf-8")
     if scheme == "ARGON2ID":
-        return "{ARGON2ID}" + argon2.PasswordHasher().hash(secret)
+        return "{ARGON2ID}" + _argon2_hasher().hash(secret)
     if scheme == "BLF-CRYPT":
         if len(secret) > _BCRYPT_MAX:
             raise UserError(f"BLF-CRYPT passwords are limited to {_BCRYPT_MAX} bytes")

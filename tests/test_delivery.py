@@ -182,6 +182,9 @@ class DelivererTests(UsersFixture, TestCase):
         fields = {**ENVELOPE.__dict__, "recipients": recipients, **changes}
         return Envelope(**fields)
 
+    def begin(self, envelope):
+        return self.successResultOf(self.deliverer.begin(envelope))
+
     def files(self, user, sub="new"):
         local, domain = user.split("@")
         return sorted(glob.glob(os.path.join(self.data_dir, "mail", domain, local, "Maildir",
@@ -193,7 +196,7 @@ class DelivererTests(UsersFixture, TestCase):
             return path, f.read()
 
     def test_one_copy_per_user_with_its_own_trace_headers(self):
-        transaction = self.deliverer.begin(self.envelope(
+        transaction = self.begin(self.envelope(
             "alice+x@example.org", "all@example.org"))
         self.assertEqual(len(self.files("alice@example.org", "tmp")), 1)
         transaction.write(b"Subject: hi\n\n")
@@ -212,7 +215,7 @@ class DelivererTests(UsersFixture, TestCase):
         self.assertEqual(transaction.size, len(b"Subject: hi\n\nbody\n"))
 
     def test_file_name_carries_both_sizes(self):
-        transaction = self.deliverer.begin(self.envelope("alice@example.org"))
+        transaction = self.begin(self.envelope("alice@example.org"))
         transaction.write(b"a\nb\n")
         self.successResultOf(transaction.finish())
         path, content = self.read("alice@example.org")
@@ -220,12 +223,12 @@ class DelivererTests(UsersFixture, TestCase):
         self.assertTrue(path.endswith(f",S={len(content)},W={crlf_octets}"), path)
 
     def test_null_sender(self):
-        transaction = self.deliverer.begin(self.envelope("alice@example.org", sender=""))
+        transaction = self.begin(self.envelope("alice@example.org", sender=""))
         self.successResultOf(transaction.finish())
         self.assertTrue(self.read("alice@example.org")[1].startswith(b"Return-Path: <>\n"))
 
     def test_abort_leaves_nothing(self):
-        transaction = self.deliverer.begin(self.envelope("alice@example.org", "bob@example.org"))
+        transaction = self.begin(self.envelope("alice@example.org", "bob@example.org"))
         transaction.write(b"partial\n")
         transaction.abort()
         for user in ("alice@example.org", "bob@example.org"):
@@ -242,12 +245,12 @@ class DelivererTests(UsersFixture, TestCase):
             return opened[-1]
 
         self.store.new_message = second_fails
-        self.assertRaises(OSError, self.deliverer.begin,
-                          self.envelope("alice@example.org", "bob@example.org"))
+        self.failureResultOf(self.deliverer.begin(
+            self.envelope("alice@example.org", "bob@example.org")), OSError)
         self.assertEqual(self.files("alice@example.org", "tmp"), [])
 
     def test_write_error_fails_finish(self):
-        transaction = self.deliverer.begin(self.envelope("alice@example.org"))
+        transaction = self.begin(self.envelope("alice@example.org"))
 
         def full(data):
             raise OSError(28, "No space left on device")

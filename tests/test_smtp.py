@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import TestCase
 
 from popgate import config
+from popgate.delivery import commit_group
 from popgate.limits import ConnectionLimiter
 from popgate.maildir import MaildirStore
 from popgate.smtp import SMTPFactory
@@ -30,6 +31,27 @@ USERS = ("alice@example.org", "bob@example.org", "carol@example.net",
 def synchronous(f, *args):
     """A run_in_thread stand-in that runs ``f`` at once."""
     return defer.maybeDeferred(f, *args)
+
+
+class Deferring:
+    """A run_in_thread stand-in that holds each call until the test runs it."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((d, f, args))
+        return d
+
+    def run_next(self):
+        d, f, args = self.calls.pop(0)
+        try:
+            result = f(*args)
+        except Exception as e:  # handed to the Deferred, as a thread pool would
+            d.errback(e)
+        else:
+            d.callback(result)
 
 
 class TLSRecordingTransport(StringTransport):
@@ -122,6 +144,10 @@ class SMTPFixture:
         local, domain = user.split("@")
         pattern = os.path.join(self.data_dir, "mail", domain, local, "Maildir", sub, "*")
         return sorted(glob.glob(pattern))
+
+    def check_nothing_stored(self, user: str = "alice@example.org") -> None:
+        self.assertEqual(self.maildir_files(user, "tmp"), [])
+        self.assertEqual(self.maildir_files(user), [])
 
     def take_mail(self, user: str) -> list[bytes]:
         """The messages delivered to ``user`` so far, removed from the Maildir."""
@@ -356,38 +382,58 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.assertTranscript([(b"NOOP \xff\xfe\r\n", ["500 5.5.2"]), (b"NOOP\r\n", ["250"])])
 
     def test_250_only_after_the_message_is_durable(self):
-        pending = []
-
-        def in_thread_later(f, *args):
-            d = defer.Deferred()
-            pending.append((d, f, args))
-            return d
-
-        self.make_factory(run_in_thread=in_thread_later)
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
         client = self.connect()
         replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
-        self.assertReplies(replies, ["250-", "250", "250", "354"])
+        self.assertReplies(replies, ["250-", "250", "250"])
         self.assertEqual(client.transport.producerState, "paused")
+        threads.run_next()  # the files are open: the message is read, then fsynced
+        self.assertReplies(client.replies(), ["354"])
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertEqual(len(self.maildir_files("alice@example.org", "tmp")), 1)
         self.assertEqual(self.maildir_files("alice@example.org"), [])
         self.clock.advance(1000)  # no idle timeout while the server owes the answer
         self.assertFalse(client.closed)
-        [(d, f, args)] = pending
-        d.callback(f(*args))
+        threads.run_next()
         self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as", "250 2.0.0 Ok"])
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
 
     def test_failed_commit_answers_451_and_leaves_nothing(self):
-        def failing(f, *args):
-            return defer.fail(OSError(28, "No space left on device"))
+        def commit_fails(f, *args):
+            if f is commit_group:
+                return defer.fail(OSError(28, "No space left on device"))
+            return synchronous(f, *args)
 
-        self.make_factory(run_in_thread=failing)
-        client = self.connect()
-        replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
-        self.assertReplies(replies, ["250-", "250", "250", "354", "451 4.3.0", "250 2.0.0"])
-        self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
-        self.assertEqual(self.maildir_files("alice@example.org"), [])
+        self.make_factory(run_in_thread=commit_fails)
+        self.assertTranscript([
+            (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]), (b"DATA\r\n", ["354"]),
+            (MESSAGE, ["451 4.3.0"]), (b"NOOP\r\n", ["250 2.0.0"]),
+        ], check=self.check_nothing_stored)
         self.flushLoggedErrors(OSError)
+
+    def test_files_that_cannot_be_created_answer_451(self):
+        def open_fails(f, *args):
+            if f is not commit_group:
+                return defer.fail(OSError(24, "Too many open files"))
+            return synchronous(f, *args)
+
+        self.make_factory(run_in_thread=open_fails)
+        self.assertTranscript([
+            (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]),
+            (b"DATA\r\n", ["451 4.3.0"]),
+            (b"BDAT 12\r\nRSET\r\nQUIT\r\n", ["451 4.3.0"]), (b"NOOP\r\n", ["250 2.0.0"]),
+        ], check=self.check_nothing_stored)
+
+    def test_connection_lost_while_the_files_are_opened(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n")
+        client.disconnect()
+        threads.run_next()
+        self.check_nothing_stored()
 
     def test_transaction_is_reset_after_data(self):
         self.assertTranscript([
@@ -662,10 +708,6 @@ class DataSafetyTests(SMTPFixture, TestCase):
             (body, ["552 5.3.4"]), (b"NOOP\r\n", ["250 2.0.0"]),
             (MAIL, ["250 2.1.0"]),
         ], check=self.check_nothing_stored)
-
-    def check_nothing_stored(self):
-        self.assertEqual(self.maildir_files("alice@example.org"), [])
-        self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
 
     def test_oversized_message_is_not_buffered(self):
         self.make_factory(smtp__max_message_size=1000)
