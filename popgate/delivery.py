@@ -48,6 +48,7 @@ import email.utils
 import ipaddress
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -99,7 +100,7 @@ class Router:
         }
 
     def is_local(self, domain: str) -> bool:
-        return domain in self._configured_domains or domain in self._users.domains()
+        return domain in self._configured_domains or self._users.has_domain(domain)
 
     def resolve(self, mailbox: Mailbox) -> Resolution:
         if mailbox.has_relay_hack or mailbox.is_literal or not self.is_local(mailbox.domain):
@@ -178,11 +179,18 @@ class Envelope:
 
 
 class GroupCommitter:
-    """Runs Maildir commits in threads, grouping those that queue up behind busy ones."""
+    """Runs Maildir commits in threads, grouping those that queue up behind busy ones.
 
-    def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4):
+    ``side_job`` (optional) is called on the reactor thread as each thread call starts; a
+    callable it returns runs in that thread call after the commits (other disk work that
+    then needs no thread call of its own), and its ``done()`` on the reactor thread after.
+    """
+
+    def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4,
+                 side_job: Callable[[], _SideJob | None] | None = None):
         self._run_in_thread = run_in_thread
         self._max_in_flight = max_in_flight
+        self._side_job = side_job
         self._in_flight = 0
         self._queue: list[tuple[list[IncomingMessage], defer.Deferred]] = []
 
@@ -197,10 +205,11 @@ class GroupCommitter:
     def _start_group(self) -> None:
         group, self._queue = self._queue, []
         self._in_flight += 1
-        d = self._run_in_thread(commit_group, [messages for messages, _ in group])
-        d.addBoth(self._group_done, group)
+        job = self._side_job() if self._side_job is not None else None
+        d = self._run_in_thread(commit_group, [messages for messages, _ in group], job)
+        d.addBoth(self._group_done, group, job)
 
-    def _group_done(self, outcomes, group) -> None:
+    def _group_done(self, outcomes, group, job) -> None:
         self._in_flight -= 1
         if isinstance(outcomes, Failure):
             # commit_group itself failed (not one delivery's OSError): fail them all.
@@ -213,15 +222,19 @@ class GroupCommitter:
                 done.callback(None)
             else:
                 done.errback(outcome)
+        if job is not None:
+            job.done()
         if self._queue and self._in_flight < self._max_in_flight:
             self._start_group()
 
 
-def commit_group(groups: list[list[IncomingMessage]]) -> list[OSError | None]:
+def commit_group(groups: list[list[IncomingMessage]],
+                 side_job: Callable[[], None] | None = None) -> list[OSError | None]:
     """Commit several deliveries in one thread call; one outcome per delivery.
 
     Each delivery's files are fsynced and renamed on their own (a failure aborts only that
-    delivery); the ``new/`` directories of all of them are then fsynced once each.
+    delivery); the ``new/`` directories of all of them are then fsynced once each.  Then
+    ``side_job`` runs, if given (it handles its own errors).
     """
     outcomes: list[OSError | None] = []
     waiting: dict[str, list[int]] = {}  # new/ directory -> deliveries that need its fsync
@@ -240,7 +253,111 @@ def commit_group(groups: list[list[IncomingMessage]]) -> list[OSError | None]:
         except OSError as e:
             for index in indexes:
                 outcomes[index] = e
+    if side_job is not None:
+        side_job()
     return outcomes
+
+
+class _SideJob:
+    """Spare files to create and stale ones to remove, in a commit's thread call."""
+
+    def __init__(self, spares: SparePool, users: list[User], stale: list[IncomingMessage]):
+        self._spares = spares
+        self.users = users
+        self.stale = stale
+        self.created: list[tuple[User, IncomingMessage]] = []
+        self.error: OSError | None = None
+
+    def __call__(self) -> None:
+        """In the thread: remove the stale spares, create the new ones."""
+        for message in self.stale:
+            message.abort()
+        store = self._spares.store
+        try:
+            for user in self.users:
+                self.created.append((user, store.new_message(store.maildir(user))))
+        except OSError as e:
+            self.error = e
+
+    def done(self) -> None:
+        """On the reactor thread, once the thread call has returned (or failed)."""
+        self._spares.job_done(self)
+
+
+class SparePool:
+    """Empty ``tmp/`` files made ahead of time, so that a message needs no thread call to
+    get its files (reactor thread only, apart from :class:`_SideJob`'s thread part).
+
+    A spare taken is replaced by the next commit's thread call, and so is each one that
+    was missing; at most ``limit`` spares exist, and one unused for ``max_age`` seconds is
+    removed (by the next commit's thread call) rather than handed out: a spare's name
+    carries its creation time.  Spares left behind by a crash are empty ``tmp/`` files,
+    which :meth:`~popgate.maildir.MaildirStore.clean_tmp` removes in time.
+    """
+
+    def __init__(self, store: MaildirStore, now: Callable[[], float], *, limit: int = 64,
+                 max_age: float = 60.0):
+        self.store = store
+        self._now = now
+        self._limit = limit
+        self._max_age = max_age
+        self._spares: dict[str, deque[tuple[float, IncomingMessage]]] = {}
+        self._count = 0  # spares in the pool or being created
+        self._wanted: list[User] = []
+        self._stale: list[IncomingMessage] = []
+        self._error_logged = False
+        self._closed = False
+
+    def take(self, users: list[User]) -> list[IncomingMessage] | None:
+        """One spare for each of ``users``, or None (none taken) if one has none."""
+        if self._closed:
+            return None
+        oldest = self._now() - self._max_age
+        for user in users:
+            queue = self._spares.get(user.name)
+            while queue and queue[0][0] < oldest:
+                self._stale.append(queue.popleft()[1])
+                self._count -= 1
+        taken = None
+        if all(self._spares.get(user.name) for user in users):
+            taken = [self._spares[user.name].popleft()[1] for user in users]
+            self._count -= len(taken)
+        for user in users:  # replace what was taken, or make what was missing
+            if self._count < self._limit:
+                self._count += 1
+                self._wanted.append(user)
+        return taken
+
+    def side_job(self) -> _SideJob | None:
+        """The work for the next commit's thread call, if any."""
+        if self._closed or (not self._wanted and not self._stale):
+            return None
+        job = _SideJob(self, self._wanted, self._stale)
+        self._wanted, self._stale = [], []
+        return job
+
+    def job_done(self, job: _SideJob) -> None:
+        if self._closed:
+            for _, message in job.created:
+                message.abort()
+            return
+        now = self._now()
+        for user, message in job.created:
+            self._spares.setdefault(user.name, deque()).append((now, message))
+        self._count -= len(job.users) - len(job.created)
+        if job.error is not None and not self._error_logged:
+            self._error_logged = True
+            log.error("cannot make spare message files: {error}", error=job.error)
+
+    def close(self) -> None:
+        """Remove every spare (blocking: for shutdown); make no more."""
+        self._closed = True
+        for queue in self._spares.values():
+            for _, message in queue:
+                message.abort()
+        for message in self._stale:
+            message.abort()
+        self._spares, self._stale, self._wanted, self._count = {}, [], [], 0
 
 
 class Transaction:
@@ -292,32 +409,61 @@ class Deliverer:
 
     def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred], *,
                  hostname: str, now: Callable[[], float] = time.time,
-                 max_in_flight: int = 4):
+                 max_in_flight: int = 4, spares: int = 64):
         self._store = store
         self._run_in_thread = run_in_thread
         self._hostname = hostname
         self._now = now
-        self._committer = GroupCommitter(run_in_thread, max_in_flight)
+        self._spares = SparePool(store, now, limit=spares)
+        self._committer = GroupCommitter(run_in_thread, max_in_flight,
+                                         side_job=self._spares.side_job)
+        self._date_second: int | None = None
+        self._date_text = ""
+
+    def _date(self) -> str:
+        """The RFC 5322 date for a Received header (formatted once per second)."""
+        now = self._now()
+        second = int(now)
+        if second != self._date_second:
+            self._date_text = email.utils.formatdate(second, localtime=True)
+            self._date_second = second
+        return self._date_text
 
     def begin(self, envelope: Envelope) -> defer.Deferred:
-        """Open one ``tmp/`` file per recipient user, in a thread; fires with a Transaction.
+        """Open one ``tmp/`` file per recipient user; fires with a Transaction.
 
         Creating files blocks while the file system commits its journal (other sessions'
-        fsyncs), so it is kept off the reactor too.  Fails with OSError, leaving nothing
-        behind, if a file cannot be created.
+        fsyncs), so it is kept off the reactor: the files are spares made earlier in a
+        commit's thread call (the Deferred has then fired already), or they are created in
+        a thread now.  Fails with OSError, leaving nothing behind, if a file cannot be
+        created.
         """
         transaction_id = new_transaction_id()
-        date = email.utils.formatdate(self._now(), localtime=True)
-        d = self._run_in_thread(self._open_copies, envelope, transaction_id, date)
+        date = self._date()
+        recipients = _users_and_first_address(envelope.recipients)
+        spares = self._spares.take([user for user, _ in recipients])
+        if spares is not None:
+            copies = list(zip([user for user, _ in recipients], spares, strict=True))
+            for (user, address), message in zip(recipients, spares, strict=True):
+                message.write(trace_headers(envelope, user, address, self._hostname,
+                                            transaction_id, date))
+            return defer.succeed(Transaction(transaction_id, envelope, copies,
+                                             self._committer))
+        d = self._run_in_thread(self._open_copies, envelope, recipients, transaction_id,
+                                date)
         return d.addCallback(
             lambda copies: Transaction(transaction_id, envelope, copies, self._committer))
 
-    def _open_copies(self, envelope: Envelope, transaction_id: str,
-                     date: str) -> list[tuple[User, IncomingMessage]]:
+    def close(self) -> None:
+        """Remove the spare files (blocking: for shutdown)."""
+        self._spares.close()
+
+    def _open_copies(self, envelope: Envelope, recipients: list[tuple[User, str]],
+                     transaction_id: str, date: str) -> list[tuple[User, IncomingMessage]]:
         """Runs in a pool thread: create the ``tmp/`` files and write the trace headers."""
         copies: list[tuple[User, IncomingMessage]] = []
         try:
-            for user, address in _users_and_first_address(envelope.recipients):
+            for user, address in recipients:
                 message = self._store.new_message(self._store.maildir(user))
                 copies.append((user, message))
                 message.write(trace_headers(envelope, user, address, self._hostname,

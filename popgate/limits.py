@@ -6,6 +6,9 @@
   long the next answer must be delayed: ``base * 2**(failures-1)`` capped at ``maximum``
   (2 s doubling to 15 s, as Dovecot does).  The same wrong password repeated (a client
   with a stale password retrying) counts once, so it does not escalate without end.
+* :class:`AuthGate` lets one password verification per client address run at a time;
+  the others wait in the reactor (cancellable when their client hangs up), so guessers
+  hammering from one address cannot fill the password-hashing threads.
 * :class:`LogLimiter` lets each distinct refusal through to the log once per interval.
 
 All state is in memory, per process, touched only from the reactor thread; time comes
@@ -19,6 +22,8 @@ import ipaddress
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from twisted.internet import defer
 
 
 def parse_networks(networks: Iterable[str]) -> tuple[ipaddress._BaseNetwork, ...]:
@@ -121,6 +126,30 @@ class AuthPenalty:
             now = self._clock.seconds()
             for host in [h for h, f in self._failures.items() if now - f.last > self.window]:
                 del self._failures[host]
+
+
+class AuthGate:
+    """One verification at a time per client address (a lock per address, dropped when idle)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    def acquire(self, host: str) -> defer.Deferred:
+        """Fires when ``host`` may verify; cancel it if the client goes away meanwhile."""
+        lock = self._locks.get(host)
+        if lock is None:
+            lock = self._locks[host] = defer.DeferredLock()
+        return lock.acquire()
+
+    def release(self, host: str) -> None:
+        lock = self._locks[host]
+        lock.release()
+        if not lock.locked and not lock.waiting:
+            del self._locks[host]
+
+    def waiting(self, host: str) -> int:
+        lock = self._locks.get(host)
+        return len(lock.waiting) if lock else 0
 
 
 class LogLimiter:

@@ -19,22 +19,25 @@ sizes in STAT, LIST and the RETR ``+OK`` are the CRLF octets of the message as s
 before dot-stuffing, taken from the Maildir file name.
 
 Authentication goes through a ``twisted.cred`` portal (:class:`twisted.cred.portal.Portal`)
-with :class:`~popgate.realm.IMailbox` avatars; the realm takes the mailbox lock.  Failed
-logins are answered after the delay that :class:`~popgate.limits.AuthPenalty` sets for the
-client address (a reactor timer).  While an address carries a penalty, successful logins
-(and ``[IN-USE]``) are held for the same delay: otherwise a password guesser could hang up
-after a few milliseconds and learn from the silence that the guess was wrong.
+with :class:`~popgate.realm.IMailbox` avatars; the realm takes the mailbox lock.  Login
+timing follows :class:`~popgate.limits.AuthPenalty` (reactor timers, never a blocked
+thread): an attempt from an address with earlier failures first waits out the address's
+current delay, and only then is the password checked, so a guesser that hangs up early
+costs no hashing and learns nothing from how fast an answer comes; a failure is answered
+the address's new delay after the attempt began (2 s, 4 s, 8 s, ... with the defaults).
 Plaintext mechanisms (USER/PASS, AUTH PLAIN) are refused and not advertised on a
 connection that is neither TLS nor loopback unless ``tls.allow_plaintext_auth`` is set
 (RFC 2595 §2.3, issue 5).
 
 Flow control and concurrency: everything runs on the reactor thread; slow work (password
-hashing, Maildir scans and updates) is done in threads by the checker and the realm.  The
-session registers itself with its transport as a streaming producer for its whole life:
-when the client stops reading, writing stops (a message stream pauses) and so does
-reading, so a client that pipelines without reading cannot grow our buffers.  While a
-command is in progress (a login, a message stream, the UPDATE state) later pipelined
-commands wait in the input buffer, with the transport paused, and run in order afterwards.
+hashing, Maildir scans and updates) is done in threads by the checker and the realm, and
+message files are read in bounded blocks, as ``twisted.protocols.basic.FileSender`` does.
+The session registers itself with its transport as a streaming producer for its whole
+life: when the client stops reading, a message stream pauses and no further command is
+run, so a client that pipelines without reading gets no more replies queued; its input
+waits in a buffer of at most :data:`MAX_PENDING_INPUT` octets, past which the session is
+closed.  While a command is in progress (a login, a message stream, the UPDATE state)
+the transport is paused and later pipelined commands wait, to run in order afterwards.
 
 Timeouts (RFC 1939 §3): ``pop3.auth_timeout`` of inactivity before login,
 ``pop3.idle_timeout`` (at least 10 minutes) after it, and ``pop3.max_session_time`` in
@@ -54,7 +57,7 @@ from collections.abc import Callable
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import interfaces, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -70,6 +73,7 @@ MAX_SASL_LINE = 2048  # a PLAIN response with a long name and a long password
 MAX_CONSECUTIVE_ERRORS = 10
 MAX_PENDING_INPUT = 256 * 1024  # pipelined input held while a command is in progress
 BLOCK_SIZE = 64 * 1024
+CLOSE_GRACE = 30.0  # seconds a closing connection may take to flush before it is cut
 
 log = Logger()
 
@@ -119,7 +123,7 @@ class _TopFilter:
     def feed(self, block: bytes) -> tuple[bytes, bool]:
         """The part of ``block`` to send, and whether the cut has been reached."""
         position = 0
-        while not self._done():
+        while not self._cut_reached():
             newline = block.find(b"\n", position)
             if newline < 0:
                 self._line_start = (self._line_start + block[position:position + 2])[:2]
@@ -133,7 +137,7 @@ class _TopFilter:
             position = newline + 1
         return block[:position], True
 
-    def _done(self) -> bool:
+    def _cut_reached(self) -> bool:
         return not self._in_header and self._lines_left <= 0
 
 
@@ -155,8 +159,9 @@ class _MessageStream:
         block = self._file.read(self._block_size)
         self._remaining -= len(block)
         finished = not block or self._remaining <= 0
-        if self._top is not None and block:
-            block, finished = self._top.feed(block)
+        if self._top is not None:
+            block, cut = self._top.feed(block)
+            finished = finished or cut
         chunk = self._encoder.encode(block)
         if finished:
             self.done = True
@@ -203,6 +208,7 @@ class POP3Server(protocol.Protocol):
         self._delayed = None
         self._idle_timer = None
         self._session_timer = None
+        self._abort_timer = None
 
     # -- connection life ---------------------------------------------------------------
 
@@ -223,7 +229,7 @@ class POP3Server(protocol.Protocol):
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._disconnected = self._closing = True
-        for call in (self._idle_timer, self._session_timer, self._delayed):
+        for call in (self._idle_timer, self._session_timer, self._delayed, self._abort_timer):
             if call is not None and call.active():
                 call.cancel()
         self._drop_stream()
@@ -251,11 +257,15 @@ class POP3Server(protocol.Protocol):
         self._drop_stream()
         # A registered producer would keep the transport open after loseConnection.
         self.transport.unregisterProducer()
+        if not self._reading:
+            # A TLS layer must read the peer's close_notify to finish closing.
+            self.transport.resumeProducing()
         self.transport.loseConnection()
+        # A peer that does not read would keep the connection (and its slot) forever.
+        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
 
     def _timed_out(self, reason: str) -> None:
         # RFC 1939 §3: close without a response and without entering UPDATE.
-        log.info("POP3 session from {peer}: {reason}", peer=self._peer_host(), reason=reason)
         self._close(reason)
 
     def _reset_idle_timer(self) -> None:
@@ -284,7 +294,6 @@ class POP3Server(protocol.Protocol):
 
     def pauseProducing(self) -> None:
         self._output_paused = True
-        self._update_reading()
 
     def resumeProducing(self) -> None:
         self._output_paused = False
@@ -416,7 +425,6 @@ class POP3Server(protocol.Protocol):
         self._send(line)
         self._errors += 1
         if self._errors >= MAX_CONSECUTIVE_ERRORS:
-            log.info("POP3 session from {peer}: too many errors", peer=self._peer_host())
             self._close("too many errors")
 
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
@@ -614,47 +622,67 @@ class POP3Server(protocol.Protocol):
     # -- logging in ----------------------------------------------------------------------
 
     def _login(self, credentials, name: bytes, secret: bytes) -> None:
-        """Authenticate through the portal; answer when done (and any penalty served)."""
+        """Authenticate through the portal, once the address has served its penalty.
+
+        The penalty is waited out *before* the password is checked: a guesser that hangs
+        up without waiting for answers costs no hashing, and cannot tell a right guess
+        from a wrong one by how fast the answer comes.
+        """
         self._busy = True
         host = self._peer_host()
         started = self._clock.seconds()
-        hold = self.factory.penalty.delay(host)
-        d = self.factory.portal.login(credentials, None, IMailbox)
-        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(started + hold,),
-                       errbackArgs=(started, hold, host, name, secret))
+        self._at(started + self.factory.penalty.delay(host), self._check_credentials,
+                 credentials, started, host, name, secret)
+
+    def _check_credentials(self, credentials, started, host, name, secret) -> None:
+        self._delayed = None
+        d = self.factory.password_checks.run(host, self._portal_login, credentials)
+        d.addCallbacks(self._logged_in, self._login_failed,
+                       errbackArgs=(started, host, name, secret))
         d.addErrback(self._unexpected)
 
-    def _logged_in(self, result, answer_at: float) -> None:
+    def _portal_login(self, credentials) -> defer.Deferred:
+        if self._closing:
+            return defer.succeed(None)  # gone while queued: nobody to check for
+        return self.factory.portal.login(credentials, None, IMailbox)
+
+    def _logged_in(self, result) -> None:
+        if result is None:
+            return  # the session closed before its turn came
         _, mailbox, logout = result
         if self._disconnected:
             logout()
             return
         self._mailbox, self._logout = mailbox, logout
-        self._answer_at(answer_at, self._enter_transaction)
+        if not self._closing:  # else connectionLost logs out
+            self._enter_transaction()
 
     def _enter_transaction(self) -> None:
         self.factory.penalty.succeeded(self._peer_host())
         self.state = State.TRANSACTION
         count, octets = self._mailbox.stat()
-        log.info("POP3 login from {peer}: {user}, {count} messages", peer=self._peer_host(),
-                 user=self._mailbox.user, count=count)
         self._ok(b"Logged in, %d messages (%d octets)" % (count, octets))
         self._reset_idle_timer()
         self._done()
 
-    def _login_failed(self, failure, started, hold, host, name, secret) -> None:
+    def _login_failed(self, failure, started, host, name, secret) -> None:
         if failure.check(UnauthorizedLogin):
             self.factory.penalty.failed(host, name, secret)
             self._auth_failures += 1
             self.factory.log_refusal(host, "authentication failed",
                                      name.decode("utf-8", "replace"))
-            self._answer_at(started + self.factory.penalty.delay(host), self._refuse_login)
+            # The answer comes the (new) penalty delay after the attempt began.
+            self._at(started + self.factory.penalty.delay(host), self._refuse_login)
         elif failure.check(MailboxLocked):
-            self._answer_at(started + hold, self._answer,
-                            b"-ERR [IN-USE] Mailbox is in use by another session")
+            self._at(started, self._answer,
+                     b"-ERR [IN-USE] Mailbox is in use by another session")
         else:
             log.failure("POP3 login failed for {peer}", failure, peer=host)
-            self._answer(b"-ERR [SYS/TEMP] Mailbox temporarily unavailable")
+            # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
+            answer = (b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
+                      if failure.check(PermissionError)
+                      else b"-ERR [SYS/TEMP] Mailbox temporarily unavailable")
+            self._at(started, self._answer, answer)
 
     def _refuse_login(self) -> None:
         self._send(b"-ERR [AUTH] Authentication failed")
@@ -663,15 +691,16 @@ class POP3Server(protocol.Protocol):
         else:
             self._done()
 
-    def _answer_at(self, when: float, answer, *args) -> None:
-        """Call ``answer`` at clock time ``when`` (at once if that has passed)."""
+    def _at(self, when: float, step, *args) -> None:
+        """Run the next ``step`` of a login at clock time ``when`` (now if that has passed);
+        never once the session is closing."""
         if self._closing:
             return
         delay = when - self._clock.seconds()
         if delay > 0:
-            self._delayed = self._clock.callLater(delay, answer, *args)
+            self._delayed = self._clock.callLater(delay, step, *args)
         else:
-            answer(*args)
+            step(*args)
 
     def _answer(self, line: bytes) -> None:
         self._send(line)
@@ -808,6 +837,31 @@ def _is_hex(text: bytes) -> bool:
     return all(c in b"0123456789abcdefABCDEF" for c in text)
 
 
+class OneAtATimePerAddress:
+    """Runs the password checks of one client address one after the other.
+
+    Password hashing runs in a small thread pool; without this, one address with many
+    connections could keep every hashing thread busy while logins from everyone else
+    wait in the queue behind it (issue 6).  Waiters are bounded by the sessions an
+    address may have open.
+    """
+
+    def __init__(self):
+        self._locks: dict[str, defer.DeferredLock] = {}
+
+    def run(self, host: str, check, *args) -> defer.Deferred:
+        lock = self._locks.setdefault(host, defer.DeferredLock())
+        return lock.run(check, *args).addBoth(self._forget_if_idle, host, lock)
+
+    def _forget_if_idle(self, result, host: str, lock: defer.DeferredLock):
+        if not lock.locked and not lock.waiting and self._locks.get(host) is lock:
+            del self._locks[host]
+        return result
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
 class _RefusedSession(protocol.Protocol):
     """Over a connection cap: one ``-ERR [SYS/TEMP]`` line, then close (issue 6)."""
 
@@ -836,6 +890,7 @@ class POP3Factory(protocol.Factory):
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.hostname = config.hostname
+        self.password_checks = OneAtATimePerAddress()
         self._log_limiter = LogLimiter(clock)
 
     def buildProtocol(self, addr) -> protocol.Protocol:

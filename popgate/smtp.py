@@ -113,6 +113,7 @@ class SMTPServer(protocol.Protocol):
         self._position = 0  # start of the unread input in _buffer
         self._processing = False
         self._waiting = False  # an asynchronous reply is owed
+        self._opening = False  # DATA accepted, its files are still being opened
         self._output_full = False  # the transport asked us to stop producing
         self._reading_paused = False
         self._errors = 0
@@ -195,12 +196,13 @@ class SMTPServer(protocol.Protocol):
 
         Reading stops once input arrives while a reply is owed (not before: most waits end
         with nothing behind them, and each pause costs two system calls), or once 64 KiB
-        waits behind a full output buffer.  A full output buffer alone does not stop
-        reading: under TLS the greeting waits in the TLS layer until the handshake, which
-        needs the transport to keep reading.
+        waits behind a full output buffer or behind message files still being opened.  A
+        full output buffer alone does not stop reading: under TLS the greeting waits in the
+        TLS layer until the handshake, which needs the transport to keep reading.
         """
         backlog = len(self._buffer) - self._position
-        pause = (self._waiting and backlog > 0) or (self._output_full and backlog >= MAX_BACKLOG)
+        pause = ((self._waiting and backlog > 0)
+                 or ((self._output_full or self._opening) and backlog >= MAX_BACKLOG))
         if pause != self._reading_paused and self._mode is not Mode.CLOSED:
             self._reading_paused = pause
             if pause:
@@ -246,7 +248,7 @@ class SMTPServer(protocol.Protocol):
         self._buffer += data
         if self._mode in (Mode.DATA, Mode.CHUNK):
             self._restart_idle_timer()
-        if self._waiting or self._output_full:
+        if self._waiting or self._output_full or self._opening:
             self._update_reading()
         self._process()
 
@@ -390,6 +392,7 @@ class SMTPServer(protocol.Protocol):
         self._chunking = False  # BDAT started this transaction (DATA is then out of order)
         self._size = 0  # message octets received, counted as sent (CRLF line ends)
         self._too_big = False
+        self._unstorable: Refusal | None = None  # the files could not be opened
 
     def _abort_transaction(self) -> None:
         if self._transaction is not None:
@@ -552,11 +555,8 @@ class SMTPServer(protocol.Protocol):
         if not self._recipients:
             raise CommandError(554, "5.5.1", "Error: no valid recipients")
 
-    def _open_transaction(self, opened, failed) -> None:
-        """Open the message files (asynchronously; no input is read meanwhile).
-
-        Then ``opened()`` runs with the transaction in place, or ``failed(refusal)``.
-        """
+    def _begin(self) -> defer.Deferred:
+        """Start opening the message files; the Deferred fires with a Transaction."""
         envelope = Envelope(
             sender=self._sender,
             recipients=tuple(self._recipients),
@@ -565,7 +565,14 @@ class SMTPServer(protocol.Protocol):
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self._tls else None,
         )
-        d = self.factory.deliverer.begin(envelope)
+        return self.factory.deliverer.begin(envelope)
+
+    def _open_transaction(self, opened, failed) -> None:
+        """Open the message files (asynchronously; no input is read meanwhile).
+
+        Then ``opened()`` runs with the transaction in place, or ``failed(refusal)``.
+        """
+        d = self._begin()
         d.addCallbacks(self._transaction_opened, self._transaction_not_opened,
                        callbackArgs=(opened,), errbackArgs=(failed,))
         self._wait_for(d)
@@ -592,7 +599,32 @@ class SMTPServer(protocol.Protocol):
         if self._body == "BINARYMIME" or self._chunking:
             # RFC 3030 §3: BINARYMIME needs BDAT; DATA and BDAT do not mix.
             raise _sequence("Error: use BDAT for this message")
-        self._open_transaction(self._start_data, self._answer)
+        # 354 goes out at once, in the same write as the replies pipelined before DATA,
+        # while the files are opened (a thread hop).  Message data that arrives first
+        # waits in the input buffer (bounded, see _update_reading); if the files cannot
+        # be opened, the data is read and the message refused at its end (451).
+        self._opening = True
+        d = self._begin()
+        d.addCallbacks(self._transaction_opened, self._transaction_not_opened,
+                       callbackArgs=(self._data_files_opened,),
+                       errbackArgs=(self._data_files_not_opened,))
+        d.addErrback(self._internal_error_in_data)
+        self._start_data()
+
+    def _data_files_opened(self) -> None:
+        self._opening = False
+        self._process()
+
+    def _data_files_not_opened(self, refusal: Refusal) -> None:
+        self._opening = False
+        self._unstorable = refusal
+        self._process()
+
+    def _internal_error_in_data(self, failure) -> None:
+        self.log.failure("{proto} {peer}: internal error in DATA", failure,
+                         proto=self._name, peer=self._peer())
+        self._reply(451, "4.3.0", "Error: internal error, try again later")
+        self._close()
 
     def _start_data(self) -> None:
         self._decoder = DataDecoder()
@@ -602,6 +634,8 @@ class SMTPServer(protocol.Protocol):
         self._restart_idle_timer()
 
     def _read_data(self) -> bool:
+        if self._opening:
+            return False  # the data waits in the buffer until there is a file for it
         data = self._buffer[self._position:] if self._position else self._buffer
         body, rest = self._decoder.feed(data)
         self._store(body)
@@ -618,8 +652,8 @@ class SMTPServer(protocol.Protocol):
         if not body:
             return
         self._size += len(body) + body.count(b"\n")  # as sent: CRLF line ends
-        if self._too_big:
-            return
+        if self._transaction is None:
+            return  # too big already, or no files: only counting
         if self._size > self.settings.max_message_size:
             self._too_big = True
             self._abort_transaction()
@@ -635,9 +669,10 @@ class SMTPServer(protocol.Protocol):
         transaction, recipients = self._transaction, self._recipients
         self._transaction = None  # its fate is decided here, not by the reset below
         binary = self._body == "BINARYMIME"
+        unstorable = self._unstorable
         self._reset_transaction()
-        if transaction is None:  # aborted on the way: too big
-            self._answer_message(recipients, Refusal(
+        if transaction is None:  # no files to open, or aborted on the way: too big
+            self._answer_message(recipients, unstorable or Refusal(
                 552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
             return
         if bare_newline and not binary and self.settings.bare_newline == "reject":
@@ -816,6 +851,10 @@ class SMTPFactory(protocol.Factory):
         self.deliverer = Deliverer(store, run_in_thread, hostname=self.hostname,
                                    now=clock.seconds)
         self._refusal_log = LogLimiter(clock)
+
+    def stopFactory(self) -> None:
+        """The last listener using this factory stopped: remove the spare files."""
+        self.deliverer.close()
 
     def buildProtocol(self, addr) -> protocol.Protocol:
         host = getattr(addr, "host", None) or "local socket"

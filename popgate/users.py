@@ -8,10 +8,14 @@ Fields after the password are kept verbatim when popgate rewrites the file; comm
 blank lines are kept too.  Schemes: ``{ARGON2ID}`` (default, argon2-cffi), ``{BLF-CRYPT}``
 (bcrypt) and ``{PLAIN}`` / ``{CLEAR}`` (only useful for APOP labs; warned about).
 
-Concurrency: the server only reads.  :meth:`UserDB.get` re-reads the file when its
-``stat`` identity changed, so ``popgate user add`` is seen by a running server without a
-restart.  Writers (the CLI) hold an ``flock`` on ``<file>.lock`` for the read-modify-write
-and replace the file atomically (temp file, fsync, rename, directory fsync, mode 0600).
+Concurrency: the server only reads.  :class:`UserDB` re-reads the file when its ``stat``
+identity changed, so ``popgate user add`` is seen by a running server without a restart.
+It checks that identity at most once per second (an ``os.stat`` per ``RCPT`` or login
+showed in profiles), except after a miss: a name or domain that is not in the cached
+table makes it look again at once, so a user added a moment ago is found at once, and a
+changed password or a removed user is seen within a second.  Writers (the CLI) hold an
+``flock`` on ``<file>.lock`` for the read-modify-write and replace the file atomically
+(temp file, fsync, rename, directory fsync, mode 0600).
 Password verification is slow on purpose; :class:`PasswordChecker` runs it through an
 injected ``run_in_thread`` so it never blocks the reactor.
 """
@@ -24,6 +28,7 @@ import hmac
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -134,18 +139,40 @@ def parse_line(line: str) -> User | None:
 
 
 class UserDB:
-    """Read access to the passwd-file, re-read whenever the file changes on disk."""
+    """Read access to the passwd-file, re-read whenever the file changes on disk.
 
-    def __init__(self, path: str):
+    The file's identity is checked at most once per ``interval`` seconds of ``clock``, and
+    again at once when a lookup misses (see the module docstring).
+    """
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic,
+                 interval: float = 1.0):
         self.path = path
+        self._clock = clock
+        self._interval = interval
+        self._checked: float | None = None  # clock reading at the last stat
         self._identity: tuple[int, int, int] | None = None
         self._users: dict[str, User] = {}
         self._domains: frozenset[str] = frozenset()
 
     def get(self, name: str) -> User | None:
         """The user called ``name`` (any case), or None."""
-        self._refresh()
-        return self._users.get(name.lower())
+        key = name.lower()
+        looked = self._refresh()
+        user = self._users.get(key)
+        if user is None and not looked:
+            self._refresh(force=True)
+            user = self._users.get(key)
+        return user
+
+    def has_domain(self, domain: str) -> bool:
+        """Whether at least one user is in ``domain`` (lowercase)."""
+        looked = self._refresh()
+        if domain in self._domains:
+            return True
+        if not looked:
+            self._refresh(force=True)
+        return domain in self._domains
 
     def domains(self) -> frozenset[str]:
         """Every domain that has at least one user."""
@@ -153,18 +180,23 @@ class UserDB:
         return self._domains
 
     def users(self) -> list[User]:
-        self._refresh()
+        self._refresh(force=True)
         return sorted(self._users.values(), key=lambda u: u.name)
 
-    def _refresh(self) -> None:
+    def _refresh(self, force: bool = False) -> bool:
+        """Re-read the file if it changed; True if it was looked at (not throttled)."""
+        now = self._clock()
+        if not force and self._checked is not None and now - self._checked < self._interval:
+            return False
+        self._checked = now
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
             self._identity, self._users, self._domains = None, {}, frozenset()
-            return
+            return True
         identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         if identity == self._identity:
-            return
+            return True
         users = {}
         # A stray non-UTF-8 byte spoils one line (skipped below), not every login.
         with open(self.path, encoding="utf-8", errors="replace") as f:
@@ -180,6 +212,7 @@ class UserDB:
         self._users = users
         self._domains = frozenset(u.domain for u in users.values())
         self._identity = identity
+        return True
 
 
 class UserFile:

@@ -76,6 +76,7 @@ class Server:
     data_dir: str
     ports: dict[str, list[int]] = field(default_factory=dict)
     process: protocol.ProcessProtocol | None = None
+    pid: int | None = None
 
     def port(self, label: str) -> int:
         return self.ports[label][0]
@@ -152,6 +153,7 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
     args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "popgate", "--config", config_path]
     transport = reactor.spawnProcess(proc, args[0], args, env=child_env(), path=directory)
     server.process = proc
+    server.pid = transport.pid
 
     def stop():
         if proc.ended.called:

@@ -11,9 +11,10 @@ import glob
 import os
 
 from twisted.internet import defer
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
-from popgate import config, maildir
+from popgate import config, delivery, maildir
 from popgate.addresses import parse_path
 from popgate.delivery import (
     RELAY_DENIED,
@@ -27,7 +28,7 @@ from popgate.delivery import (
     fold,
     received_header,
 )
-from popgate.maildir import MaildirStore
+from popgate.maildir import IncomingMessage, MaildirStore
 from popgate.users import UserDB, UserFile, hash_password
 
 
@@ -211,7 +212,8 @@ class DelivererTests(UsersFixture, TestCase):
         self.assertIn(b"for <all@example.org>;", bob)
         self.assertIn(f" id {transaction.id} ".encode(), alice.replace(b"\n\t", b" "))
         self.assertTrue(alice.endswith(b"\nSubject: hi\n\nbody\n"))
-        self.assertEqual(self.files("alice@example.org", "tmp"), [])
+        for _, message in transaction._copies:
+            self.assertFalse(os.path.exists(message.tmp_path))
         self.assertEqual(transaction.size, len(b"Subject: hi\n\nbody\n"))
 
     def test_file_name_carries_both_sizes(self):
@@ -317,7 +319,7 @@ class GroupCommitTests(UsersFixture, TestCase):
         self.assertNoResult(first)
         threads.run_next()
         self.successResultOf(first)
-        [(_, _, (groups,))] = threads.calls
+        [(_, _, (groups, _))] = threads.calls
         self.assertEqual(len(groups), 3)
         for d in later:
             self.assertNoResult(d)
@@ -326,6 +328,24 @@ class GroupCommitTests(UsersFixture, TestCase):
             self.successResultOf(d)
         self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
                          4)
+
+    def test_side_job_runs_in_the_thread_call_after_the_commits(self):
+        threads = Deferring()
+        events = []
+
+        class Job:
+            def __call__(self):
+                events.append(("job", os.listdir(os.path.join(message.maildir.path, "new"))))
+
+            def done(self):
+                events.append(("done", d.called))
+
+        committer = GroupCommitter(threads, side_job=Job)
+        message = self.message()
+        d = committer.commit([message])
+        threads.run_next()
+        self.assertEqual(events, [("job", [os.path.basename(message.final_path)]),
+                                  ("done", True)])
 
     def test_directory_fsync_is_shared(self):
         synced = []
@@ -350,3 +370,142 @@ class GroupCommitTests(UsersFixture, TestCase):
         message = self.message()
         self.failureResultOf(committer.commit([message]), RuntimeError)
         self.assertFalse(os.path.exists(message.tmp_path))
+
+
+class SpareTests(UsersFixture, TestCase):
+    """Spare tmp/ files: the files of the next message are made in a commit's thread call."""
+
+    def setUp(self):
+        super().setUp()
+        self.store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
+        self.threads = Deferring()
+        self.now = 1_700_000_000.0
+        self.deliverer = Deliverer(self.store, self.threads, hostname="mx.example.net",
+                                   now=lambda: self.now, spares=3)
+        self.created = []
+        real = self.store.new_message
+
+        def new_message(md):
+            self.created.append(real(md))
+            return self.created[-1]
+
+        self.store.new_message = new_message
+
+    def envelope(self, *names):
+        recipients = tuple(Recipient(name, (self.users.get(name),)) for name in names)
+        return Envelope(**{**ENVELOPE.__dict__, "recipients": recipients})
+
+    def tmp(self, user="alice@example.org"):
+        local, domain = user.split("@")
+        return sorted(os.listdir(os.path.join(self.data_dir, "mail", domain, local, "Maildir",
+                                              "tmp")))
+
+    def deliver(self, *names, text=b"body\n"):
+        d = self.deliverer.begin(self.envelope(*names))
+        if not d.called:
+            self.threads.run_next()  # no spare: the files are created in a thread
+        transaction = self.successResultOf(d)
+        transaction.write(text)
+        done = transaction.finish()
+        self.threads.run_next()  # the commit, and the spares' creation
+        self.successResultOf(done)
+        return transaction
+
+    def test_next_message_needs_no_thread_call(self):
+        first = self.deliver("alice@example.org")
+        [spare] = self.tmp()
+        self.assertEqual(len(self.created), 2)
+        self.assertEqual(self.created[1].unique, spare)
+        d = self.deliverer.begin(self.envelope("alice@example.org"))
+        second = self.successResultOf(d)  # at once, without a thread call
+        self.assertEqual(self.threads.calls, [])
+        self.assertIs(second._copies[0][1], self.created[1])
+        second.write(b"second\n")
+        done = second.finish()
+        self.threads.run_next()
+        self.successResultOf(done)
+        infos = self.store.maildir(self.users.get("alice@example.org")).scan()
+        self.assertEqual([i.uidl for i in infos],
+                         [first._copies[0][1].unique, spare])
+        with open(infos[1].path, "rb") as f:
+            content = f.read()
+        self.assertTrue(content.startswith(b"Return-Path: <sender@remote.example>\n"))
+        self.assertIn(f" id {second.id} ".encode(), content.replace(b"\n\t", b" "))
+        self.assertTrue(content.endswith(b"\nsecond\n"))
+        self.assertEqual(len(self.tmp()), 1)  # the next spare
+
+    def test_every_recipient_needs_a_spare(self):
+        self.deliver("alice@example.org")
+        d = self.deliverer.begin(self.envelope("alice@example.org", "bob@example.org"))
+        self.assertNoResult(d)  # bob has no spare: both files are made in a thread
+        self.threads.run_next()
+        transaction = self.successResultOf(d)
+        self.assertEqual(len(self.tmp()), 2)  # alice's spare is still there
+        done = transaction.finish()
+        self.threads.run_next()
+        self.successResultOf(done)
+        # alice's old spare is still there, and each of them got a new one
+        self.assertEqual(len(self.tmp()), 2)
+        self.assertEqual(len(self.tmp("bob@example.org")), 1)
+
+    def test_at_most_the_limit(self):
+        for _ in range(4):
+            self.deliver("alice@example.org", "bob@example.org", "carol@example.net")
+        self.assertEqual(len(self.tmp()) + len(self.tmp("bob@example.org"))
+                         + len(self.tmp("carol@example.net")), 3)
+
+    def test_old_spares_are_removed_not_used(self):
+        self.deliver("alice@example.org")
+        [old] = self.tmp()
+        self.now += 61
+        d = self.deliverer.begin(self.envelope("alice@example.org"))
+        self.assertNoResult(d)
+        self.threads.run_next()
+        transaction = self.successResultOf(d)
+        self.assertNotEqual(transaction._copies[0][1].unique, old)
+        done = transaction.finish()
+        self.threads.run_next()  # the commit's thread call removes the old spare
+        self.successResultOf(done)
+        self.assertEqual(len(self.tmp()), 1)
+        self.assertNotIn(old, self.tmp())
+
+    def test_close_removes_the_spares(self):
+        self.deliver("alice@example.org")
+        d = self.deliverer.begin(self.envelope("bob@example.org"))
+        self.threads.run_next()
+        done = self.successResultOf(d).finish()
+        self.deliverer.close()
+        self.assertEqual(self.tmp(), [])
+        self.threads.run_next()  # a commit under way at close: its new spare goes too
+        self.successResultOf(done)
+        self.assertEqual(self.tmp() + self.tmp("bob@example.org"), [])
+        self.assertEqual(len(self.store.maildir(self.users.get("bob@example.org")).scan()), 1)
+
+    def test_failure_to_make_spares_is_logged_once_and_harmless(self):
+        real, real_job = IncomingMessage.__init__, delivery._SideJob.__call__
+        in_job = []
+
+        def full(message, md, unique):
+            if in_job and len(self.created) > 1:
+                raise OSError(28, "No space left on device")
+            real(message, md, unique)
+
+        def job(side_job):
+            in_job.append(True)
+            try:
+                real_job(side_job)
+            finally:
+                in_job.pop()
+
+        self.patch(IncomingMessage, "__init__", full)
+        self.patch(delivery._SideJob, "__call__", job)
+        with capturedLogs() as events:
+            self.deliver("alice@example.org")  # its spare is made
+            self.deliver("alice@example.org")  # uses it; the next one fails
+            self.deliver("alice@example.org")  # no spare: a thread call; fails again
+        errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
+        self.assertEqual(errors, ["cannot make spare message files: [Errno 28] No space left "
+                                  "on device"])
+        self.assertEqual(self.tmp(), [])
+        self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
+                         3)

@@ -1,9 +1,11 @@
 """Tests for popgate.limits: connection caps, failed-login delays, log rate limiting."""
 
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from popgate.limits import (
+    AuthGate,
     AuthPenalty,
     ConnectionLimiter,
     LogLimiter,
@@ -235,3 +237,30 @@ class LogLimiterTests(unittest.TestCase):
         for n in range(20_000):
             limiter.allow(n)
         self.assertLessEqual(len(limiter._last), 10_001)
+
+
+class AuthGateTests(unittest.TestCase):
+    def test_one_verification_per_address_at_a_time(self):
+        gate = AuthGate()
+        first = gate.acquire("192.0.2.1")
+        second = gate.acquire("192.0.2.1")
+        other = gate.acquire("198.51.100.7")
+        self.assertTrue(first.called)
+        self.assertFalse(second.called)
+        self.assertTrue(other.called)  # another address is not held up
+        self.assertEqual(gate.waiting("192.0.2.1"), 1)
+        gate.release("192.0.2.1")
+        self.assertTrue(second.called)
+        gate.release("192.0.2.1")
+        gate.release("198.51.100.7")
+        self.assertEqual(gate._locks, {})
+
+    def test_cancelled_waiter_never_runs(self):
+        gate = AuthGate()
+        gate.acquire("192.0.2.1")
+        waiter = gate.acquire("192.0.2.1")
+        waiter.addErrback(lambda f: f.trap(defer.CancelledError))
+        waiter.cancel()
+        self.assertEqual(gate.waiting("192.0.2.1"), 0)
+        gate.release("192.0.2.1")
+        self.assertEqual(gate._locks, {})

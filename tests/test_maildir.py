@@ -154,7 +154,7 @@ class DeliveryTests(StoreTestCase):
         """A crash after writing, before commit: nothing in new/, the file stays in tmp/."""
         message = self.store.new_message(self.maildir)
         message.write(b"Subject: half\n\nwritten\n")
-        message._file.flush()
+        message.flush()
         self.assertEqual(self.maildir.scan(), [])
         self.assertEqual(self.listing("new"), [])
         self.assertEqual(self.listing("tmp"), [message.unique])

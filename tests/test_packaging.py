@@ -48,11 +48,14 @@ class FreshVenvTests(TestCase):
         source = os.path.join(work, "src")
         shutil.copytree(REPO, source, ignore=_IGNORE)
         venv = os.path.join(work, "venv")
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120)
+        # A fresh environment means no PYTHONPATH either (trial -j sets one for its
+        # workers): pip would take Twisted from it as "already satisfied".
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True, timeout=120, env=env)
         pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q",
                "--disable-pip-version-check"]
         subprocess.run([*pip, *(["-e"] if editable else []), source], check=True,
-                       timeout=600, cwd=work)
+                       timeout=600, cwd=work, env=env)
         return os.path.join(venv, "bin")
 
     def check_installation(self, bin_dir: str) -> None:

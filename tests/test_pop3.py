@@ -19,6 +19,7 @@ from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -150,7 +151,8 @@ class POP3TestCase(unittest.TestCase):
         self.checker = PasswordChecker(self.users, run_now)
         self.factory = self.make_factory()
 
-    def make_factory(self, tls=None, implicit_tls=False, **overrides) -> pop3.POP3Factory:
+    def make_factory(self, tls=None, implicit_tls=False, run_in_thread=run_now,
+                     **overrides) -> pop3.POP3Factory:
         settings = {"server.data_dir": self.root, "server.hostname": "mx.test"}
         settings.update(overrides)
         self.config = config.load(None, settings)
@@ -158,7 +160,7 @@ class POP3TestCase(unittest.TestCase):
         self.penalty = AuthPenalty(self.clock, limits.auth_delay, limits.auth_delay_max,
                                    limits.penalty_window)
         self.limiter = ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip)
-        portal = Portal(MailboxRealm(self.users, self.store, run_now), [self.checker])
+        portal = Portal(MailboxRealm(self.users, self.store, run_in_thread), [self.checker])
         return pop3.POP3Factory(config=self.config, portal=portal, clock=self.clock,
                                 limiter=self.limiter, penalty=self.penalty, tls=tls,
                                 implicit_tls=implicit_tls)
@@ -482,7 +484,24 @@ class AuthenticationTests(POP3TestCase):
         self.assertEqual(self.penalty.delay(LOOPBACK), 2.0)
         self.clock.advance(10)  # the delayed answer was cancelled with the connection
 
-    def test_dropping_while_a_success_is_held_releases_the_lock(self):
+    def test_a_penalised_address_waits_before_its_password_is_checked(self):
+        self.penalty.failed(LOOPBACK, b"x", b"y")
+        checked = []
+        check = self.checker.requestAvatarId
+        self.patch(self.checker, "requestAvatarId", lambda c: checked.append(c) or check(c))
+        hit_and_run = self.connect()
+        hit_and_run.send(b"USER alice@example.org\r\nPASS guess\r\n")
+        hit_and_run.drop()
+        self.clock.advance(20)
+        self.assertEqual(checked, [], "no hashing for a guesser that did not wait")
+        patient = self.connect()
+        patient.send(b"USER alice@example.org\r\nPASS guess\r\n")
+        self.clock.advance(1.9)
+        self.assertEqual(checked, [])
+        self.clock.advance(0.1)
+        self.assertEqual(len(checked), 1)
+
+    def test_dropping_while_held_leaves_the_mailbox_free(self):
         self.penalty.failed(LOOPBACK, b"x", b"y")
         session = self.connect()
         session.send(b"USER alice@example.org\r\nPASS pw\r\n")
@@ -622,6 +641,49 @@ class AuthenticationTests(POP3TestCase):
             self.assertIn(b"+OK Send your password", transport.value())
             protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.limiter.total, 0)
+
+
+class PasswordCheckQueueTests(POP3TestCase):
+    """One address gets one password check at a time; other addresses are not held up."""
+
+    def setUp(self):
+        super().setUp()
+        self.hashing = []  # password checks handed to the "thread pool", not yet run
+
+        def run_later(f, *args):
+            d = defer.Deferred()
+            self.hashing.append(lambda: d.callback(f(*args)))
+            return d
+
+        self.checker = PasswordChecker(self.users, run_later)
+        self.factory = self.make_factory()
+
+    def attempt(self, peer: str, password: str = "wrong") -> Session:
+        session = self.connect(peer=peer)
+        session.take()
+        session.send(f"USER alice@example.org\r\nPASS {password}\r\n".encode())
+        return session
+
+    def test_checks_from_one_address_run_one_at_a_time(self):
+        first, second = self.attempt(LOOPBACK), self.attempt(LOOPBACK)
+        self.assertEqual(len(self.hashing), 1)
+        self.attempt("127.0.0.2", "pw")
+        self.assertEqual(len(self.hashing), 2, "another address is not queued behind")
+        self.hashing.pop(0)()  # the first check finishes: the second one starts
+        self.assertEqual(len(self.hashing), 2)
+        self.hashing.pop(0)()
+        self.hashing.pop(0)()
+        self.clock.advance(10)
+        self.assertIn(b"[AUTH]", first.take())
+        self.assertIn(b"[AUTH]", second.take())
+        self.assertEqual(len(self.factory.password_checks), 0, "no state left behind")
+
+    def test_a_session_gone_while_queued_is_not_checked(self):
+        self.attempt(LOOPBACK)
+        self.attempt(LOOPBACK).drop()
+        self.hashing.pop(0)()
+        self.assertEqual(self.hashing, [])
+        self.assertEqual(len(self.factory.password_checks), 0)
 
 
 class MailboxLockTests(POP3TestCase):
@@ -802,6 +864,81 @@ class TransactionTests(POP3TestCase):
         self.assertTrue(self.session.closed)
         self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
         self.open_session()  # the lock was released
+
+    def login_with_broken_scan(self, error: OSError) -> bytes:
+        def broken_scan(maildir):
+            raise error
+
+        patch = self.patch(Maildir, "scan", broken_scan)
+        session = self.connect()
+        session.take()
+        reply = session.send(b"USER alice@example.org\r\nPASS pw\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(type(error))), 1)
+        self.assertEqual(session.protocol.state, pop3.State.AUTHORIZATION)
+        patch.restore()
+        return reply
+
+    def test_unreadable_maildir_is_a_system_error(self):
+        self.session.command("QUIT")
+        self.assertEqual(self.login_with_broken_scan(OSError("I/O error")),
+                         b"+OK Send your password\r\n"
+                         b"-ERR [SYS/TEMP] Mailbox temporarily unavailable\r\n")
+        self.assertEqual(self.login_with_broken_scan(PermissionError("no access")),
+                         b"+OK Send your password\r\n"
+                         b"-ERR [SYS/PERM] Mailbox unavailable, please tell the "
+                         b"administrator\r\n")
+        self.open_session()  # the lock was released
+
+    def test_drop_during_update_finishes_the_deletions_then_unlocks(self):
+        pending = []
+
+        def run_in_thread(f, *args):
+            if f.__name__ == "_apply_update":
+                d = defer.Deferred()
+                pending.append(lambda: d.callback(f(*args)))
+                return d
+            return run_now(f, *args)
+
+        self.session.command("QUIT")
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.command("DELE 1")
+        self.assertEqual(session.command("QUIT"), "")
+        session.drop()
+        second = self.connect()
+        second.take()
+        self.assertIn(b"[IN-USE]", second.send(b"USER alice@example.org\r\nPASS pw\r\n"))
+        pending.pop()()
+        self.assertEqual(len(self.message_files()), 2)
+        self.assertIn(b"+OK Logged in", second.send(b"USER alice@example.org\r\nPASS pw\r\n"))
+
+    def test_closing_reads_again_so_that_tls_can_finish(self):
+        pending = []
+
+        def run_in_thread(f, *args):
+            if f.__name__ == "_apply_update":
+                d = defer.Deferred()
+                pending.append(lambda: d.callback(f(*args)))
+                return d
+            return run_now(f, *args)
+
+        self.session.command("QUIT")
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.command("RETR 1")
+        session.command("QUIT")
+        self.assertEqual(session.transport.producerState, "paused")
+        pending.pop()()
+        self.assertTrue(session.closed)
+        self.assertEqual(session.transport.producerState, "producing")
+
+    def test_a_connection_that_will_not_close_is_cut(self):
+        self.session.command("QUIT")
+        self.assertTrue(self.session.closed)
+        self.clock.advance(pop3.CLOSE_GRACE - 1)
+        self.assertFalse(self.session.transport.disconnected)
+        self.clock.advance(1)
+        self.assertTrue(self.session.transport.disconnected, "aborted")
 
     def test_retr_of_a_vanished_file(self):
         os.unlink(self.message_files()[0])
@@ -986,6 +1123,24 @@ class PipeliningTests(POP3TestCase):
         self.assertEqual(session.send(b"QUIT\r\nSTAT\r\n"),
                          b"+OK popgate signing off (0 messages deleted)\r\n")
 
+    def test_a_full_output_buffer_stops_commands_but_not_reading(self):
+        # A TLS layer that is still handshaking pauses its producer at the first write
+        # (the greeting); it needs to read to finish the handshake.
+        session = self.connect(socket_buffer=0)
+        self.assertTrue(session.protocol._output_paused)
+        self.assertEqual(session.transport.producerState, "producing")
+        session.take()
+        self.assertEqual(session.send(b"CAPA\r\n"), b"", "commands wait for the output")
+        self.assertTrue(session.drain().startswith(b"+OK Capability list follows"))
+
+    def test_client_that_never_reads_is_cut_off_at_the_input_bound(self):
+        session = self.connect(socket_buffer=0)
+        for _ in range(pop3.MAX_PENDING_INPUT // 6):
+            session.send(b"CAPA\r\n")
+        self.assertFalse(session.closed)
+        session.send(b"CAPA\r\n" * 10)
+        self.assertTrue(session.closed)
+
     def test_too_much_input_while_busy_closes(self):
         session = self.connect()
         session.take()
@@ -1043,6 +1198,17 @@ class STLSTests(POP3TestCase):
         session = self.connect(factory=self.make_factory(tls=TLS_CREATOR, implicit_tls=True))
         session.take()
         self.assertEqual(session.command("STLS"), "-ERR Already using TLS\r\n")
+
+    def test_stls_run_after_a_delayed_answer_still_discards(self):
+        session = self.connect()
+        session.take()
+        session.send(b"USER alice@example.org\r\nPASS wrong\r\nSTLS\r\nCAPA\r\n")
+        self.clock.advance(2)
+        self.assertEqual(session.take(), b"-ERR [AUTH] Authentication failed\r\n"
+                                         b"+OK Begin TLS negotiation\r\n")
+        self.assertIs(session.transport.tls_creator, TLS_CREATOR)
+        self.assertEqual(session.transport.producerState, "producing",
+                         "reading goes on, or the handshake could never finish")
 
     def test_stls_discards_a_partial_line_too(self):
         session = self.connect()
@@ -1145,6 +1311,23 @@ class FactoryTests(POP3TestCase):
         for session in sessions:
             session.drop()
         self.assertEqual(self.limiter.total, 0)
+
+
+class SessionLogTests(POP3TestCase):
+    def test_one_line_at_connect_and_one_at_close(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.deliver(b"Subject: a\n\nbody\n")
+        self.deliver(b"Subject: b\n\nbody\n")
+        session = self.open_session()
+        session.send(b"RETR 1\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
+        session.drop()
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.pop3"]
+        self.assertEqual(lines, [
+            "POP3 connection from 127.0.0.1 (plaintext)",
+            "POP3 session from 127.0.0.1 closed (quit): user=alice@example.org plaintext "
+            "retrieved=1 deleted=1"])
 
 
 class FuzzTests(POP3TestCase):

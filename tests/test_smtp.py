@@ -386,10 +386,13 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.make_factory(run_in_thread=threads)
         client = self.connect()
         replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
-        self.assertReplies(replies, ["250-", "250", "250"])
-        self.assertEqual(client.transport.producerState, "paused")
+        # 354 comes at once, with the replies before it; the message waits in the input
+        # buffer until its file is open (a little input: reading goes on).
+        self.assertReplies(replies, ["250-", "250", "250", "354"])
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
         threads.run_next()  # the files are open: the message is read, then fsynced
-        self.assertReplies(client.replies(), ["354"])
+        self.assertEqual(client.replies(), [])
         self.assertEqual(client.transport.producerState, "paused")
         self.assertEqual(len(self.maildir_files("alice@example.org", "tmp")), 1)
         self.assertEqual(self.maildir_files("alice@example.org"), [])
@@ -399,6 +402,26 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as", "250 2.0.0 Ok"])
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
+
+    def test_message_data_waits_for_its_file_within_a_bound(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        self.assertReplies(client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n"),
+                           ["250-", "250", "250", "354"])
+        line = b"x" * 998 + b"\r\n"
+        for _ in range(65):
+            client.send(line)
+        self.assertEqual(client.transport.producerState, "producing")
+        client.send(line)  # 64 KiB wait unprocessed: stop reading
+        self.assertEqual(client.transport.producerState, "paused")
+        threads.run_next()
+        self.assertEqual(client.transport.producerState, "producing")
+        client.send(b".\r\n")
+        threads.run_next()
+        self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as"])
+        [message] = self.take_mail("alice@example.org")
+        self.assertEqual(message.count(b"x" * 998 + b"\n"), 66)
 
     def test_failed_commit_answers_451_and_leaves_nothing(self):
         def commit_fails(f, *args):
@@ -420,9 +443,11 @@ class DeliveryTests(SMTPFixture, TestCase):
             return synchronous(f, *args)
 
         self.make_factory(run_in_thread=open_fails)
+        # DATA is answered 354 before the files exist: the message is read, then refused.
         self.assertTranscript([
             (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]),
-            (b"DATA\r\n", ["451 4.3.0"]),
+            (b"DATA\r\n", ["354"]), (MESSAGE, ["451 4.3.0"]), (b"DATA\r\n", ["503 5.5.1"]),
+            (MAIL, ["250"]), (RCPT_ALICE, ["250"]),
             (b"BDAT 12\r\nRSET\r\nQUIT\r\n", ["451 4.3.0"]), (b"NOOP\r\n", ["250 2.0.0"]),
         ], check=self.check_nothing_stored)
 

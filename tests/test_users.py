@@ -8,6 +8,7 @@ import bcrypt
 from twisted.cred import error
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
@@ -313,7 +314,8 @@ class UserDBTests(unittest.TestCase):
         self.directory = self.mktemp()
         os.makedirs(self.directory)
         self.path = os.path.join(self.directory, "users")
-        self.db = UserDB(self.path)
+        self.clock = Clock()
+        self.db = UserDB(self.path, clock=self.clock.seconds)
 
     def test_missing_file(self):
         self.assertIsNone(self.db.get("alice@example.org"))
@@ -327,22 +329,60 @@ class UserDBTests(unittest.TestCase):
     def test_sees_changes_without_restart(self):
         writer = UserFile(self.path)
         self.assertIsNone(self.db.get("alice@example.org"))
+        # A new user or domain is a miss in the cached table: seen at once.
         writer.add("alice@example.org", "{PLAIN}a")
         self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}a")
         self.assertEqual(self.db.domains(), frozenset({"example.org"}))
         writer.add("bob@other.example", "{PLAIN}bb")
+        self.assertTrue(self.db.has_domain("other.example"))
         self.assertEqual(self.db.domains(), frozenset({"example.org", "other.example"}))
+        # Changes to known users are seen within a second.
         writer.set_password("alice@example.org", "{PLAIN}a-changed")
+        self.clock.advance(1)
         self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}a-changed")
         writer.delete("alice@example.org")
+        self.clock.advance(1)
         self.assertIsNone(self.db.get("alice@example.org"))
         self.assertEqual([u.name for u in self.db.users()], ["bob@other.example"])
         self.assertEqual(self.db.domains(), frozenset({"other.example"}))
+        self.assertFalse(self.db.has_domain("example.org"))
+
+    def test_file_looked_at_at_most_once_a_second(self):
+        """A hit does not stat the file again within a second (one per RCPT showed in
+        profiles); a changed password is served stale for at most that second."""
+        writer = UserFile(self.path)
+        writer.add("alice@example.org", "{PLAIN}a")
+        self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}a")
+        stats = []
+        real_stat = os.stat
+        self.patch(users.os, "stat", lambda path: stats.append(path) or real_stat(path))
+        writer.set_password("alice@example.org", "{PLAIN}b")
+        stats.clear()
+        self.clock.advance(0.9)
+        for _ in range(3):
+            self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}a")
+            self.assertTrue(self.db.has_domain("example.org"))
+        self.assertEqual(stats, [])
+        self.clock.advance(0.1)
+        self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}b")
+        self.assertEqual(self.db.get("alice@example.org").password, "{PLAIN}b")
+        self.assertEqual(stats, [self.path])
+
+    def test_miss_looks_again_at_once(self):
+        UserFile(self.path).add("alice@example.org", "{PLAIN}a")
+        self.assertIsNotNone(self.db.get("alice@example.org"))
+        stats = []
+        real_stat = os.stat
+        self.patch(users.os, "stat", lambda path: stats.append(path) or real_stat(path))
+        self.assertIsNone(self.db.get("nobody@example.org"))
+        self.assertFalse(self.db.has_domain("other.example"))
+        self.assertEqual(stats, [self.path, self.path])
 
     def test_sees_file_removed(self):
         UserFile(self.path).add("alice@example.org", "{PLAIN}a")
         self.assertIsNotNone(self.db.get("alice@example.org"))
         os.unlink(self.path)
+        self.clock.advance(1)
         self.assertIsNone(self.db.get("alice@example.org"))
 
     def test_users_sorted(self):
