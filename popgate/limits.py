@@ -6,9 +6,9 @@
   long the next answer must be delayed: ``base * 2**(failures-1)`` capped at ``maximum``
   (2 s doubling to 15 s, as Dovecot does).  The same wrong password repeated (a client
   with a stale password retrying) counts once, so it does not escalate without end.
-* :class:`AuthGate` lets one password verification per client address run at a time;
-  the others wait in the reactor (cancellable when their client hangs up), so guessers
-  hammering from one address cannot fill the password-hashing threads.
+* :class:`ChecksPerAddress` bounds the password checks in progress per client address;
+  extra attempts wait in the reactor, so guessers hammering from one address cannot
+  fill the password-hashing threads' queue.
 * :class:`LogLimiter` lets each distinct refusal through to the log once per interval.
 
 All state is in memory, per process, touched only from the reactor thread; time comes
@@ -24,6 +24,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+
+CHECKS_PER_ADDRESS = 2  # password checks in progress at once for one client address
 
 
 def parse_networks(networks: Iterable[str]) -> tuple[ipaddress._BaseNetwork, ...]:
@@ -128,28 +130,35 @@ class AuthPenalty:
                 del self._failures[host]
 
 
-class AuthGate:
-    """One verification at a time per client address (a lock per address, dropped when idle)."""
+class ChecksPerAddress:
+    """Bounds the password checks in progress for each client address.
 
-    def __init__(self) -> None:
-        self._locks: dict[str, defer.DeferredLock] = {}
+    Password hashing runs in a small, first-come-first-served thread pool.  Unbounded,
+    one address with many connections would queue hundreds of checks there, and logins
+    from everyone else would wait behind all of them (issue 6).  Bounded, its extra
+    attempts wait here instead, where an attempt whose client has gone is dropped
+    unchecked, and another address's check waits for one hash at most.
+    """
 
-    def acquire(self, host: str) -> defer.Deferred:
-        """Fires when ``host`` may verify; cancel it if the client goes away meanwhile."""
-        lock = self._locks.get(host)
-        if lock is None:
-            lock = self._locks[host] = defer.DeferredLock()
-        return lock.acquire()
+    def __init__(self, limit: int = CHECKS_PER_ADDRESS):
+        self._limit = limit
+        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
 
-    def release(self, host: str) -> None:
-        lock = self._locks[host]
-        lock.release()
-        if not lock.locked and not lock.waiting:
-            del self._locks[host]
+    def run(self, host: str, check, *args) -> defer.Deferred:
+        semaphore = self._semaphores.get(host)
+        if semaphore is None:
+            semaphore = self._semaphores[host] = defer.DeferredSemaphore(self._limit)
+        return semaphore.run(check, *args).addBoth(self._forget_if_idle, host, semaphore)
 
-    def waiting(self, host: str) -> int:
-        lock = self._locks.get(host)
-        return len(lock.waiting) if lock else 0
+    def _forget_if_idle(self, result, host: str, semaphore: defer.DeferredSemaphore):
+        idle = semaphore.tokens == semaphore.limit and not semaphore.waiting
+        if idle and self._semaphores.get(host) is semaphore:
+            del self._semaphores[host]
+        return result
+
+    def __len__(self) -> int:
+        """How many addresses have checks in progress."""
+        return len(self._semaphores)
 
 
 class LogLimiter:

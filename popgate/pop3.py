@@ -63,7 +63,7 @@ from zope.interface import implementer
 
 from popgate import __version__
 from popgate.codec import DotEncoder
-from popgate.limits import LogLimiter, is_loopback
+from popgate.limits import ChecksPerAddress, LogLimiter, is_loopback
 from popgate.maildir import MailboxLocked, MessageInfo
 from popgate.realm import IMailbox, NoSuchMessage
 from popgate.users import APOPCredentials
@@ -837,31 +837,6 @@ def _is_hex(text: bytes) -> bool:
     return all(c in b"0123456789abcdefABCDEF" for c in text)
 
 
-class OneAtATimePerAddress:
-    """Runs the password checks of one client address one after the other.
-
-    Password hashing runs in a small thread pool; without this, one address with many
-    connections could keep every hashing thread busy while logins from everyone else
-    wait in the queue behind it (issue 6).  Waiters are bounded by the sessions an
-    address may have open.
-    """
-
-    def __init__(self):
-        self._locks: dict[str, defer.DeferredLock] = {}
-
-    def run(self, host: str, check, *args) -> defer.Deferred:
-        lock = self._locks.setdefault(host, defer.DeferredLock())
-        return lock.run(check, *args).addBoth(self._forget_if_idle, host, lock)
-
-    def _forget_if_idle(self, result, host: str, lock: defer.DeferredLock):
-        if not lock.locked and not lock.waiting and self._locks.get(host) is lock:
-            del self._locks[host]
-        return result
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-
 class _RefusedSession(protocol.Protocol):
     """Over a connection cap: one ``-ERR [SYS/TEMP]`` line, then close (issue 6)."""
 
@@ -890,7 +865,7 @@ class POP3Factory(protocol.Factory):
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.hostname = config.hostname
-        self.password_checks = OneAtATimePerAddress()
+        self.password_checks = ChecksPerAddress()
         self._log_limiter = LogLimiter(clock)
 
     def buildProtocol(self, addr) -> protocol.Protocol:

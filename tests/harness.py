@@ -175,10 +175,17 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
 
 def run_client(args: list[str], stdin: bytes = b"", env: dict | None = None,
                path: str | None = None, timeout: float = 120.0) -> defer.Deferred:
-    """Run a client program; fire with (stdout, stderr, exit code).  Never blocks."""
+    """Run a client program; fire with (stdout, stderr, exit code).  Never blocks.
+
+    The default environment is ours without ``PYTHON*`` variables: client programs such as
+    getmail run on the system Python, which must not load this interpreter's modules
+    (trial -j gives its workers a PYTHONPATH).
+    """
     executable = require_tool(args[0]) if os.sep not in args[0] else args[0]
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     d = _spawn_with_stdin(executable, args, stdin, env, path) if stdin else \
-        getProcessOutputAndValue(executable, args[1:], env=env or dict(os.environ), path=path)
+        getProcessOutputAndValue(executable, args[1:], env=env, path=path)
     return d.addTimeout(timeout, reactor)
 
 
@@ -203,5 +210,5 @@ class _Collect(protocol.ProcessProtocol):
 
 def _spawn_with_stdin(executable, args, stdin, env, path) -> defer.Deferred:
     collect = _Collect(stdin)
-    reactor.spawnProcess(collect, executable, args, env=env or dict(os.environ), path=path)
+    reactor.spawnProcess(collect, executable, args, env=env, path=path)
     return collect.done

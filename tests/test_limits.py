@@ -5,8 +5,8 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from popgate.limits import (
-    AuthGate,
     AuthPenalty,
+    ChecksPerAddress,
     ConnectionLimiter,
     LogLimiter,
     in_networks,
@@ -239,28 +239,24 @@ class LogLimiterTests(unittest.TestCase):
         self.assertLessEqual(len(limiter._last), 10_001)
 
 
-class AuthGateTests(unittest.TestCase):
-    def test_one_verification_per_address_at_a_time(self):
-        gate = AuthGate()
-        first = gate.acquire("192.0.2.1")
-        second = gate.acquire("192.0.2.1")
-        other = gate.acquire("198.51.100.7")
-        self.assertTrue(first.called)
-        self.assertFalse(second.called)
-        self.assertTrue(other.called)  # another address is not held up
-        self.assertEqual(gate.waiting("192.0.2.1"), 1)
-        gate.release("192.0.2.1")
-        self.assertTrue(second.called)
-        gate.release("192.0.2.1")
-        gate.release("198.51.100.7")
-        self.assertEqual(gate._locks, {})
 
-    def test_cancelled_waiter_never_runs(self):
-        gate = AuthGate()
-        gate.acquire("192.0.2.1")
-        waiter = gate.acquire("192.0.2.1")
-        waiter.addErrback(lambda f: f.trap(defer.CancelledError))
-        waiter.cancel()
-        self.assertEqual(gate.waiting("192.0.2.1"), 0)
-        gate.release("192.0.2.1")
-        self.assertEqual(gate._locks, {})
+class ChecksPerAddressTests(unittest.TestCase):
+    def test_bounded_per_address_and_forgotten_when_idle(self):
+        checks = ChecksPerAddress(limit=1)
+        first, second = defer.Deferred(), defer.Deferred()
+        started = []
+
+        def check(d, name):
+            started.append(name)
+            return d
+
+        done1 = checks.run("192.0.2.1", check, first, "first")
+        checks.run("192.0.2.1", check, second, "second")
+        checks.run("198.51.100.7", check, defer.succeed(None), "other")
+        self.assertEqual(started, ["first", "other"])  # another address is not held up
+        first.callback("ok")
+        self.assertEqual(self.successResultOf(done1), "ok")
+        self.assertEqual(started, ["first", "other", "second"])
+        self.assertEqual(len(checks), 1)
+        second.callback("ok")
+        self.assertEqual(len(checks), 0)

@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from popgate import __version__, config, pop3
-from popgate.limits import AuthPenalty, ConnectionLimiter
+from popgate.limits import CHECKS_PER_ADDRESS, AuthPenalty, ConnectionLimiter
 from popgate.maildir import Maildir, MaildirStore, commit
 from popgate.realm import MailboxRealm
 from popgate.users import PasswordChecker, UserDB, UserFile, hash_password
@@ -644,7 +644,7 @@ class AuthenticationTests(POP3TestCase):
 
 
 class PasswordCheckQueueTests(POP3TestCase):
-    """One address gets one password check at a time; other addresses are not held up."""
+    """One address gets a bounded number of password checks at once; others are not held up."""
 
     def setUp(self):
         super().setUp()
@@ -664,24 +664,29 @@ class PasswordCheckQueueTests(POP3TestCase):
         session.send(f"USER alice@example.org\r\nPASS {password}\r\n".encode())
         return session
 
-    def test_checks_from_one_address_run_one_at_a_time(self):
-        first, second = self.attempt(LOOPBACK), self.attempt(LOOPBACK)
-        self.assertEqual(len(self.hashing), 1)
-        self.attempt("127.0.0.2", "pw")
-        self.assertEqual(len(self.hashing), 2, "another address is not queued behind")
-        self.hashing.pop(0)()  # the first check finishes: the second one starts
-        self.assertEqual(len(self.hashing), 2)
-        self.hashing.pop(0)()
-        self.hashing.pop(0)()
-        self.clock.advance(10)
-        self.assertIn(b"[AUTH]", first.take())
-        self.assertIn(b"[AUTH]", second.take())
+    def test_checks_in_progress_per_address_are_bounded(self):
+        attackers = [self.attempt(LOOPBACK) for _ in range(5)]
+        self.assertEqual(len(self.hashing), CHECKS_PER_ADDRESS)
+        honest = self.attempt("127.0.0.2", "pw")
+        self.assertEqual(len(self.hashing), CHECKS_PER_ADDRESS + 1,
+                         "another address is not queued behind them")
+        self.hashing.pop(0)()  # an attacker's check ends: the next one of theirs starts,
+        self.assertEqual(len(self.hashing), CHECKS_PER_ADDRESS + 1)
+        self.hashing.pop(1)()  # ... queued behind the honest one
+        self.assertIn(b"+OK Logged in", honest.take())
+        while self.hashing:
+            self.hashing.pop(0)()
+        self.clock.advance(100)
+        for session in attackers:
+            self.assertIn(b"-ERR [AUTH]", session.take())
         self.assertEqual(len(self.factory.password_checks), 0, "no state left behind")
 
     def test_a_session_gone_while_queued_is_not_checked(self):
-        self.attempt(LOOPBACK)
+        for _ in range(CHECKS_PER_ADDRESS):
+            self.attempt(LOOPBACK)
         self.attempt(LOOPBACK).drop()
-        self.hashing.pop(0)()
+        for _ in range(CHECKS_PER_ADDRESS):
+            self.hashing.pop(0)()
         self.assertEqual(self.hashing, [])
         self.assertEqual(len(self.factory.password_checks), 0)
 
@@ -852,6 +857,15 @@ class TransactionTests(POP3TestCase):
         self.deliver(b"Subject: four\n\nnew\n")
         second = self.open_session().command("UIDL")
         self.assertTrue(second.startswith(first[:-3]))
+
+    def test_uidl_is_stable_across_a_restart(self):
+        before = self.session.command("UIDL")
+        self.session.command("RETR 1")
+        self.session.command("QUIT")
+        self.store = MaildirStore(os.path.join(self.root, "mail"), "other.host")
+        self.users = UserDB(self.users_path)
+        self.factory = self.make_factory()
+        self.assertEqual(self.open_session().command("UIDL"), before)
 
     def test_quit_reports_failed_deletions(self):
         def broken_remove(messages):
