@@ -855,6 +855,8 @@ class POP3Factory(protocol.Factory):
     listener wraps every connection in TLS already (POP3S), so sessions are secure.
     """
 
+    noisy = False  # ListenerService logs where it listens; no "Starting factory" lines
+
     def __init__(self, *, config, portal, clock, limiter, penalty, tls=None,
                  implicit_tls: bool = False):
         self.config = config

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 from functools import partial
 
@@ -79,8 +80,15 @@ class ListenerService(Service):
         super().privilegedStartService()
         self._listen_called = True
         endpoint = serverFromString(self._reactor, self.description)
-        d = endpoint.listen(self.factory)
-        d.addCallbacks(self._listening, self._failed)
+        failures = []
+        endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
+        if failures:
+            # Most endpoints fail at once (address in use, permission denied): say so in
+            # one line and stop start-up with a non-zero exit status, no traceback.
+            reason = failures[0].getErrorMessage()
+            message = f"popgate: {self.label} cannot listen on {self.description}: {reason}"
+            print(message, file=sys.stderr)
+            raise SystemExit(1)
 
     def startService(self) -> None:
         if not self._listen_called:
@@ -91,12 +99,6 @@ class ListenerService(Service):
         self.port = port
         log.info("popgate {label} listening on {description} ({address})",
                  label=self.label, description=self.description, address=port.getHost())
-
-    def _failed(self, failure) -> None:
-        log.failure("popgate {label} cannot listen on {description}", failure,
-                    label=self.label, description=self.description)
-        if self._reactor.running:
-            self._reactor.stop()
 
     def stopService(self):
         super().stopService()

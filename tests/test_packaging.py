@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,8 +113,8 @@ class FreshVenvTests(TestCase):
         self.check_installation(self.install(editable=True))
 
 
-class TwistdConfigErrorTests(TestCase):
-    """A bad configuration stops twistd with one line and a non-zero exit status."""
+class TwistdStartupErrorTests(TestCase):
+    """A bad configuration or a busy port stops twistd with one line and exit status 1."""
 
     def test_bad_config_one_line_no_traceback(self):
         path = os.path.join(REPO, "tests", "fixtures", "bad-config", "wrong-type.toml")
@@ -134,3 +135,21 @@ class TwistdConfigErrorTests(TestCase):
                                 capture_output=True, text=True, timeout=60)
         self.assertNotEqual(result.returncode, 0)
         self.assertTrue(re.search(r"option --smtp requires argument", result.stdout))
+
+    def test_port_in_use(self):
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = dict(os.environ, PYTHONPATH=REPO)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        result = subprocess.run(
+            [twistd, "-n", "--pidfile=", "popgate", "--data-dir", os.path.abspath(self.mktemp()),
+             "--smtp", f"tcp:{port}:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1"],
+            env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 1)
+        self.assertRegex(result.stdout + result.stderr,
+                         rf"popgate: SMTP cannot listen on tcp:{port}:interface=127.0.0.1: "
+                         r".*Address already in use")
+        self.assertNotIn("Traceback", result.stdout + result.stderr)
