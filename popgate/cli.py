@@ -19,7 +19,15 @@ import sys
 from popgate import __version__
 from popgate import config as configuration
 from popgate.addresses import AddressError, normalise_user
-from popgate.users import DEFAULT_SCHEME, SCHEMES, UserDB, UserError, UserFile, hash_password
+from popgate.users import (
+    DEFAULT_SCHEME,
+    SCHEMES,
+    UserDB,
+    UserError,
+    UserFile,
+    hash_password,
+    split_scheme,
+)
 
 
 class CommandError(Exception):
@@ -139,8 +147,7 @@ def _user_passwd(args) -> None:
 def _user_list(args) -> None:
     config = _load(args)
     for user in UserDB(config.users_file).users():
-        scheme = user.password[1:].partition("}")[0] if user.password.startswith("{") else "PLAIN"
-        print(f"{user.name}\t{scheme}")
+        print(f"{user.name}\t{split_scheme(user.password)[0]}")
 
 
 def _config_check(args) -> None:

@@ -87,6 +87,8 @@ class LimitsConfig:
     max_sessions: int = 1000
     max_sessions_per_ip: int = 20
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
+    # Peers allowed to send a PROXY protocol header on haproxy: listeners (DESIGN.md).
+    trusted_proxies: tuple[str, ...] = ()
     auth_delay: float = 2.0
     auth_delay_max: float = 15.0
     auth_max_failures: int = 3
@@ -243,11 +245,17 @@ def _validate(config: Config) -> Config:
                           "RFC 1939 §3 requires at least 600 seconds")
     if limits.auth_delay_max < limits.auth_delay:
         raise ConfigError(src, "limits.auth_delay_max", "must not be less than limits.auth_delay")
-    for net in limits.trusted_networks:
-        try:
-            ipaddress.ip_network(net, strict=False)
-        except ValueError as e:
-            raise ConfigError(src, "limits.trusted_networks", str(e)) from None
+    for key in ("trusted_networks", "trusted_proxies"):
+        for net in getattr(limits, key):
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError as e:
+                raise ConfigError(src, f"limits.{key}", str(e)) from None
+    all_endpoints = (*smtp.listen, *smtp.tls_listen, *smtp.lmtp_listen, *pop3.listen,
+                     *pop3.tls_listen)
+    if any(e.startswith("haproxy:") for e in all_endpoints) and not limits.trusted_proxies:
+        raise ConfigError(src, "limits.trusted_proxies", "haproxy: endpoints need the "
+                          "addresses of the proxies allowed to send PROXY headers")
     _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen)
     return config
 

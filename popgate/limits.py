@@ -9,6 +9,8 @@
 * :class:`ChecksPerAddress` bounds the password checks in progress per client address;
   extra attempts wait in the reactor, so guessers hammering from one address cannot
   fill the password-hashing threads' queue.
+* :class:`TrustedProxyFactory` drops connections to a PROXY-protocol listener from peers
+  that are not trusted proxies, before a header could name a false client address.
 * :class:`LogLimiter` lets each distinct refusal through to the log once per interval.
 
 All state is in memory, per process, touched only from the reactor thread; time comes
@@ -24,8 +26,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
 CHECKS_PER_ADDRESS = 2  # password checks in progress at once for one client address
+_REMEMBERED_SECRETS = 32  # distinct wrong passwords remembered per penalised address
+
+_log = Logger()
 
 
 def parse_networks(networks: Iterable[str]) -> tuple[ipaddress._BaseNetwork, ...]:
@@ -87,6 +94,20 @@ class _Failures:
     secrets: set[bytes] = field(default_factory=set)
 
 
+def penalty_key(host: str) -> str:
+    """The unit that earns a penalty: the IPv4 address, or the IPv6 /64 (one subscriber
+    usually has a whole /64 and could rotate through it)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if address.version == 6:
+        if address.ipv4_mapped:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
 class AuthPenalty:
     """Per-IP memory of failed logins, and the delay they earn."""
 
@@ -97,23 +118,27 @@ class AuthPenalty:
 
     def delay(self, host: str) -> float:
         """Seconds to wait before answering a failed login from ``host``."""
-        failures = self._current(host)
+        failures = self._current(penalty_key(host))
         if failures is None or failures.count == 0:
             return 0.0
         return min(self.base * 2 ** (failures.count - 1), self.maximum)
 
     def failed(self, host: str, username: bytes, password: bytes) -> None:
         """Record a failure; a repeat of the same username+password is counted once."""
+        host = penalty_key(host)
         failures = self._current(host) or self._failures.setdefault(host, _Failures())
         fingerprint = hashlib.sha256(username + b"\0" + password).digest()[:8]
         if fingerprint not in failures.secrets:
-            failures.secrets.add(fingerprint)
             failures.count += 1
+            # Past a few failures the delay is at its maximum anyway: remember a bounded
+            # number of fingerprints, so a long guessing run costs no more memory.
+            if len(failures.secrets) < _REMEMBERED_SECRETS:
+                failures.secrets.add(fingerprint)
         failures.last = self._clock.seconds()
         self._expire_some()
 
     def succeeded(self, host: str) -> None:
-        self._failures.pop(host, None)
+        self._failures.pop(penalty_key(host), None)
 
     def _current(self, host: str) -> _Failures | None:
         failures = self._failures.get(host)
@@ -159,6 +184,35 @@ class ChecksPerAddress:
     def __len__(self) -> int:
         """How many addresses have checks in progress."""
         return len(self._semaphores)
+
+
+class TrustedProxyFactory(Factory):
+    """Builds protocols only for connections from trusted proxies (DESIGN.md).
+
+    It sits inside Twisted's ``haproxy:`` wrapper, whose ``buildProtocol`` passes the
+    address of the TCP peer, i.e. the proxy, before any header is read.
+    """
+
+    noisy = False
+
+    def __init__(self, wrapped, proxies, log_limiter: LogLimiter):
+        self.wrapped = wrapped
+        self.proxies = tuple(proxies)
+        self._log_limiter = log_limiter
+
+    def doStart(self) -> None:
+        self.wrapped.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped.doStop()
+
+    def buildProtocol(self, addr):
+        host = getattr(addr, "host", "")
+        if not in_networks(host, self.proxies):
+            if self._log_limiter.allow(("untrusted proxy", host)):
+                _log.warn("dropped connection from {host}: not a trusted proxy", host=host)
+            return None
+        return self.wrapped.buildProtocol(addr)
 
 
 class LogLimiter:

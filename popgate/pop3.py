@@ -523,7 +523,9 @@ class POP3Server(protocol.Protocol):
         self._user_name = None
         credentials = APOPCredentials(name.decode("utf-8", "replace"), self._apop_timestamp,
                                       digest)
-        self._login(credentials, name, digest)
+        # The digest changes with every greeting: a client repeating a stale secret would
+        # look like a new guess each time, so the penalty fingerprints the name only.
+        self._login(credentials, name, b"APOP")
 
     def do_AUTH(self, argument: bytes) -> None:
         words = argument.split()
@@ -858,7 +860,7 @@ class POP3Factory(protocol.Factory):
     noisy = False  # ListenerService logs where it listens; no "Starting factory" lines
 
     def __init__(self, *, config, portal, clock, limiter, penalty, tls=None,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, password_checks: ChecksPerAddress | None = None):
         self.config = config
         self.portal = portal
         self.clock = clock
@@ -867,7 +869,8 @@ class POP3Factory(protocol.Factory):
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.hostname = config.hostname
-        self.password_checks = ChecksPerAddress()
+        # Shared by the POP3 and POP3S listeners: the bound is per address, not per port.
+        self.password_checks = password_checks or ChecksPerAddress()
         self._log_limiter = LogLimiter(clock)
 
     def buildProtocol(self, addr) -> protocol.Protocol:

@@ -24,7 +24,14 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
 from popgate.config import Config
-from popgate.limits import AuthPenalty, ConnectionLimiter, parse_networks
+from popgate.limits import (
+    AuthPenalty,
+    ChecksPerAddress,
+    ConnectionLimiter,
+    LogLimiter,
+    TrustedProxyFactory,
+    parse_networks,
+)
 from popgate.maildir import MaildirStore
 from popgate.pop3 import POP3Factory
 from popgate.realm import MailboxRealm
@@ -74,26 +81,38 @@ class ListenerService(Service):
         self.label = label
         self.port = None
         self._listen_called = False
+        self._starting = False  # inside endpoint.listen(): failures are reported at once
+        self._failure = None
 
     def privilegedStartService(self) -> None:
         # Before twistd drops privileges (--uid), so that ports below 1024 work.
         super().privilegedStartService()
         self._listen_called = True
         endpoint = serverFromString(self._reactor, self.description)
-        failures = []
-        endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
-        if failures:
+        self._failure = None
+        self._starting = True
+        endpoint.listen(self.factory).addCallbacks(self._listening, self._cannot_listen)
+        self._starting = False
+        if self._failure is not None:
             # Most endpoints fail at once (address in use, permission denied): say so in
             # one line and stop start-up with a non-zero exit status, no traceback.
-            reason = failures[0].getErrorMessage()
-            message = f"popgate: {self.label} cannot listen on {self.description}: {reason}"
-            print(message, file=sys.stderr)
+            reason = self._failure.getErrorMessage()
+            print(f"popgate: {self.label} cannot listen on {self.description}: {reason}",
+                  file=sys.stderr)
             raise SystemExit(1)
 
     def startService(self) -> None:
         if not self._listen_called:
             self.privilegedStartService()  # started without twistd (tests, embedding)
         super().startService()
+
+    def _cannot_listen(self, failure) -> None:
+        if self._starting:
+            self._failure = failure
+            return
+        log.failure("popgate {label} cannot listen on {description}", failure,
+                    label=self.label, description=self.description)
+        self._reactor.stop()
 
     def _listening(self, port) -> None:
         self.port = port
@@ -136,8 +155,13 @@ class StorageService(Service):
             log.info("removed {n} stale tmp/ files", n=removed)
 
 
-class TLSReloadService(Service):
-    """Reload the certificate on SIGHUP (it is also re-read when the files change)."""
+class ReloadService(Service):
+    """SIGHUP (``systemctl reload``) re-reads the certificate, if there is one.
+
+    The handler is installed with or without TLS: SIGHUP's default action would end the
+    process, and systemd does not restart a service that a signal ended cleanly.  The
+    certificate is also re-read by itself when its files change.
+    """
 
     def __init__(self, reactor, tls):
         self._reactor = reactor
@@ -147,7 +171,13 @@ class TLSReloadService(Service):
     def startService(self) -> None:
         super().startService()
         self._previous = signal.signal(
-            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._tls.reload))
+            signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._reload))
+
+    def _reload(self) -> None:
+        if self._tls is None:
+            log.info("SIGHUP: nothing to reload (no TLS certificate configured)")
+        else:
+            self._tls.reload()
 
     def stopService(self) -> None:
         super().stopService()
@@ -168,16 +198,17 @@ def makeService(config: Config, reactor=None) -> MultiService:
     StorageService(config, store).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
-    if tls is not None:
-        TLSReloadService(reactor, tls).setServiceParent(top)
+    ReloadService(reactor, tls).setServiceParent(top)
+
+    listen = partial(_listen, top, reactor,
+                     proxies=parse_networks(config.limits.trusted_proxies))
 
     smtp_limiter = _limiter(config, trusted)
     smtp = partial(SMTPFactory, config=config, users=users, store=store, clock=reactor,
                    run_in_thread=run_in_thread, limiter=smtp_limiter, tls=tls)
-    _listen(top, reactor, "SMTP", config.smtp.listen, smtp())
-    _listen(top, reactor, "SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
-    _listen(top, reactor, "LMTP", config.smtp.lmtp_listen,
-            smtp(lmtp=True, limiter=_limiter(config, trusted)))
+    listen("SMTP", config.smtp.listen, smtp())
+    listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
+    listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
 
     portal = Portal(MailboxRealm(users, store, run_in_thread),
                     [PasswordChecker(users, auth_threads.run)])
@@ -185,9 +216,10 @@ def makeService(config: Config, reactor=None) -> MultiService:
     penalty = AuthPenalty(reactor, limits.auth_delay, limits.auth_delay_max,
                           limits.penalty_window)
     pop3 = partial(POP3Factory, config=config, portal=portal, clock=reactor,
-                   limiter=_limiter(config, trusted), penalty=penalty, tls=tls)
-    _listen(top, reactor, "POP3", config.pop3.listen, pop3())
-    _listen(top, reactor, "POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+                   limiter=_limiter(config, trusted), penalty=penalty, tls=tls,
+                   password_checks=ChecksPerAddress())
+    listen("POP3", config.pop3.listen, pop3())
+    listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
     ReadyService(reactor).setServiceParent(top)
     return top
 
@@ -218,6 +250,11 @@ def _implicit(make_factory, tls):
     return wrap_implicit_tls(make_factory(implicit_tls=True), tls)
 
 
-def _listen(parent: MultiService, reactor, label: str, descriptions, factory) -> None:
+def _listen(parent: MultiService, reactor, label: str, descriptions, factory, *,
+            proxies) -> None:
     for description in descriptions:
-        ListenerService(reactor, description, factory, label).setServiceParent(parent)
+        if description.startswith("haproxy:"):
+            listener_factory = TrustedProxyFactory(factory, proxies, LogLimiter(reactor))
+        else:
+            listener_factory = factory
+        ListenerService(reactor, description, listener_factory, label).setServiceParent(parent)

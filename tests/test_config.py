@@ -35,6 +35,8 @@ EXPECTED_ERRORS = {
     "zero-limit.toml": "limits.max_sessions: must be greater than zero, got 0",
     "bad-network.toml": "limits.trusted_networks: '10.0.0.0/33' does not appear to be",
     "tls-listen-without-certificate.toml": "tls.certificate: required by the tls_listen endpoints",
+    "haproxy-without-trusted-proxies.toml": "limits.trusted_proxies: haproxy: endpoints need "
+                                            "the addresses of the proxies allowed",
 }
 
 

@@ -260,3 +260,24 @@ class ChecksPerAddressTests(unittest.TestCase):
         self.assertEqual(len(checks), 1)
         second.callback("ok")
         self.assertEqual(len(checks), 0)
+
+
+class PenaltyKeyTests(unittest.TestCase):
+    def test_ipv6_addresses_of_one_64_share_a_penalty(self):
+        clock = Clock()
+        penalty = AuthPenalty(clock, base=2, maximum=15, window=300)
+        penalty.failed("2001:db8:1:2::1", b"u", b"a")
+        self.assertEqual(penalty.delay("2001:db8:1:2:ffff::9"), 2)
+        self.assertEqual(penalty.delay("2001:db8:1:3::1"), 0)
+        penalty.failed("::ffff:192.0.2.7", b"u", b"a")
+        self.assertEqual(penalty.delay("192.0.2.7"), 2)
+
+    def test_memory_per_address_is_bounded_but_counting_goes_on(self):
+        clock = Clock()
+        penalty = AuthPenalty(clock, base=2, maximum=15, window=300)
+        for n in range(1000):
+            penalty.failed("192.0.2.1", b"u", b"guess-%d" % n)
+        failures = penalty._failures["192.0.2.1"]
+        self.assertEqual(failures.count, 1000)
+        self.assertLessEqual(len(failures.secrets), 32)
+        self.assertEqual(penalty.delay("192.0.2.1"), 15)
