@@ -313,7 +313,7 @@ class POP3Server(protocol.Protocol):
             self._send(b"-ERR Too much pipelined input")
             self._close("too much pipelined input")
             return
-        self._process_input()
+        self._process_input()  # ends with _update_reading(): back-pressure if still full
 
     def _command_in_progress(self) -> bool:
         return self._busy or self._stream is not None
@@ -337,14 +337,17 @@ class POP3Server(protocol.Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        """Stop reading while a command is in progress; read again when it is done.
+        """Stop reading while a command is in progress or half the input bound is used.
 
         A full output buffer alone does not stop reading: a TLS layer still handshaking
-        pauses us and must read to finish.  Input then waits in the (bounded) buffer.
+        pauses us and must read to finish.  A client that pipelines without reading our
+        replies fills the input buffer instead, and reading stops at half of its bound
+        (back-pressure); the session is closed only if one read overshoots the bound.
         """
         if self._closing:
             return
-        want = not self._command_in_progress()
+        want = (not self._command_in_progress()
+                and len(self._buffer) < MAX_PENDING_INPUT // 2)
         if want != self._reading:
             self._reading = want
             if want:

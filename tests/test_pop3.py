@@ -1147,12 +1147,17 @@ class PipeliningTests(POP3TestCase):
         self.assertEqual(session.send(b"CAPA\r\n"), b"", "commands wait for the output")
         self.assertTrue(session.drain().startswith(b"+OK Capability list follows"))
 
-    def test_client_that_never_reads_is_cut_off_at_the_input_bound(self):
+    def test_client_that_never_reads_meets_back_pressure_then_the_bound(self):
         session = self.connect(socket_buffer=0)
-        for _ in range(pop3.MAX_PENDING_INPUT // 6):
+        for _ in range(pop3.MAX_PENDING_INPUT // 12 - 1):
             session.send(b"CAPA\r\n")
+        self.assertEqual(session.transport.producerState, "producing")
+        session.send(b"CAPA\r\n" * 2)  # half the bound: stop reading, keep the session
+        self.assertEqual(session.transport.producerState, "paused")
         self.assertFalse(session.closed)
-        session.send(b"CAPA\r\n" * 10)
+        # A transport delivers nothing more while paused; should one read overshoot the
+        # bound all the same, the session ends.
+        session.send(b"CAPA\r\n" * (pop3.MAX_PENDING_INPUT // 12 + 10))
         self.assertTrue(session.closed)
 
     def test_too_much_input_while_busy_closes(self):
