@@ -234,7 +234,8 @@ class IncomingMessage:
         self.maildir = maildir
         self.unique = unique
         self.tmp_path = os.path.join(maildir.path, "tmp", unique)
-        self._fd: int | None = os.open(self.tmp_path, _CREATE_FLAGS, 0o666)
+        # 0600: mail is private even if a directory above is opened up by mistake.
+        self._fd: int | None = os.open(self.tmp_path, _CREATE_FLAGS, 0o600)
         self._buffer = bytearray()
         self.size = 0
         self.lines = 0
@@ -356,11 +357,17 @@ def _order_key(name: str) -> tuple[int, int, int, str]:
 
 
 def _makedirs_private(path: str) -> None:
+    """mkdir -p with mode 0700 at every level; each new entry is made durable (its parent
+    directory fsynced), so a first delivery's rename into new/ cannot outlive new/."""
     if os.path.isdir(path):
         return
-    _makedirs_private(os.path.dirname(path))
-    with contextlib.suppress(FileExistsError):
+    parent = os.path.dirname(path)
+    _makedirs_private(parent)
+    try:
         os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    fsync_directory(parent)
 
 
 def _subdirectories(path: str) -> list[str]:

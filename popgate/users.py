@@ -46,6 +46,7 @@ from popgate.addresses import AddressError, normalise_user, split_user
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 DEFAULT_SCHEME = "ARGON2ID"
+_VANISHED = (0, 0, -1)  # UserDB's file identity while a loaded users file is missing
 _BCRYPT_MAX = 72  # bcrypt ignores (bcrypt>=5: refuses) bytes past 72
 
 log = Logger()
@@ -192,7 +193,12 @@ class UserDB:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            self._identity, self._users, self._domains = None, {}, frozenset()
+            if self._identity not in (None, _VANISHED):
+                # Gone after it was loaded (an editor's rename, a restore in progress):
+                # forgetting every user would bounce all mail with 550 5.1.1 meanwhile.
+                log.warn("{path} has disappeared; keeping the {n} users loaded before",
+                         path=self.path, n=len(self._users))
+                self._identity = _VANISHED  # warn once; re-read when it is back
             return True
         identity = (st.st_ino, st.st_mtime_ns, st.st_size)
         if identity == self._identity:

@@ -9,7 +9,7 @@ from twisted.cred import error
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.logger import capturedLogs, formatEvent
+from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from popgate import users
@@ -378,11 +378,25 @@ class UserDBTests(unittest.TestCase):
         self.assertFalse(self.db.has_domain("other.example"))
         self.assertEqual(stats, [self.path, self.path])
 
-    def test_sees_file_removed(self):
+    def test_file_briefly_missing_keeps_users_then_rereads(self):
+        """A users file that vanishes (an editor's rename, a restore) must not make every
+        recipient unknown: the last table stays, with one warning, until it is back."""
         UserFile(self.path).add("alice@example.org", "{PLAIN}a")
         self.assertIsNotNone(self.db.get("alice@example.org"))
         os.unlink(self.path)
+        warnings = []
+        globalLogPublisher.addObserver(warnings.append)
+        self.addCleanup(globalLogPublisher.removeObserver, warnings.append)
+        for _ in range(3):
+            self.clock.advance(1)
+            self.assertIsNotNone(self.db.get("alice@example.org"))
+        self.assertEqual(len([e for e in warnings if "disappeared" in formatEvent(e)]), 1)
+        UserFile(self.path).add("bob@example.org", "{PLAIN}b")
         self.clock.advance(1)
+        self.assertIsNone(self.db.get("alice@example.org"))
+        self.assertIsNotNone(self.db.get("bob@example.org"))
+
+    def test_no_file_yet_means_no_users(self):
         self.assertIsNone(self.db.get("alice@example.org"))
 
     def test_users_sorted(self):
