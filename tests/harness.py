@@ -36,6 +36,28 @@ def require_tool(name: str) -> str:
     raise SkipTest(f"{name} is not installed")
 
 
+def read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_private(path: str, text: str) -> str:
+    """Client configuration files with passwords must be 0600 (fetchmail, mpop insist)."""
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+        f.write(text)
+    return path
+
+
+def read_reply(stream) -> bytes:
+    """One complete (possibly multi-line) SMTP reply from a socket's file."""
+    reply = b""
+    while True:
+        line = stream.readline()
+        reply += line
+        if not line or line[3:4] == b" ":
+            return reply
+
+
 def twistd_path() -> str:
     candidate = os.path.join(os.path.dirname(sys.executable), "twistd")
     return candidate if os.path.exists(candidate) else require_tool("twistd")

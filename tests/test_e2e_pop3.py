@@ -30,7 +30,7 @@ from twisted.trial.unittest import TestCase
 from popgate.maildir import MaildirStore, commit
 from popgate.users import UserDB
 from tests.certs import make_test_pki
-from tests.harness import require_tool, run_client, start_twistd
+from tests.harness import read, require_tool, run_client, start_twistd, write_private
 
 USER, PASSWORD = "alice@example.org", "pw"
 TIMEOUT = 60
@@ -63,16 +63,6 @@ def crlf(message: bytes) -> bytes:
     return message.replace(b"\n", b"\r\n")
 
 
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def write_private(path: str, text: str) -> str:
-    """Client configuration files with passwords must be 0600 (fetchmail, mpop insist)."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-    return path
 
 
 def fingerprints(messages: list[bytes]) -> list[tuple[int, str]]:

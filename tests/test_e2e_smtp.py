@@ -21,7 +21,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.certs import make_test_pki
-from tests.harness import run_client, start_twistd
+from tests.harness import read_reply, run_client, start_twistd
 
 USERS = [("alice@example.org", "pw"), ("bob@example.org", "pw")]
 TIMEOUT = 60
@@ -45,15 +45,6 @@ def without_trace_headers(stored: bytes) -> bytes:
         index += 1
     return b"\n".join(lines[index:])
 
-
-def read_reply(stream) -> bytes:
-    """Read one complete (possibly multi-line) SMTP reply from a socket's file."""
-    reply = b""
-    while True:
-        line = stream.readline()
-        reply += line
-        if not line or line[3:4] == b" ":
-            return reply
 
 
 class SMTPClientsTests(TestCase):

@@ -42,7 +42,7 @@ from twisted.trial.unittest import TestCase
 from popgate.maildir import MaildirStore, commit
 from popgate.users import UserDB
 from tests.certs import PKIPaths, make_test_pki
-from tests.harness import require_tool, run_client, start_twistd
+from tests.harness import read, read_reply, require_tool, run_client, start_twistd, write_private
 
 USER, PASSWORD = "alice@example.org", "pw"
 TIMEOUT = 60
@@ -58,26 +58,7 @@ MESSAGES = [
 # -- helpers --------------------------------------------------------------------------
 
 
-def read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
-
-def write_private(path: str, text: str) -> str:
-    """fetchmail insists that a run-control file with a password is 0600."""
-    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
-        f.write(text)
-    return path
-
-
-def read_reply(stream) -> bytes:
-    """One complete (possibly multi-line) SMTP reply."""
-    reply = b""
-    while True:
-        line = stream.readline()
-        reply += line
-        if not line or line[3:4] == b" ":
-            return reply
 
 
 def leaf_der(fullchain: str) -> bytes:
