@@ -25,16 +25,21 @@
       \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
       \tfor <alice+tag@example.org>; Tue, 03 Mar 2026 10:00:00 +0100
 
-  The body is then written chunk by chunk to every file (one chunk in memory, never N
-  copies of the message).  :meth:`Transaction.finish` makes the files durable: fsync,
-  rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
+  The body is then written chunk by chunk to every file (at most one block of each file
+  in memory, see :class:`~popgate.maildir.IncomingMessage`; never N copies of the
+  message).  :meth:`Transaction.finish` makes the files durable: fsync, rename into
+  ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
 
-Concurrency: the reactor thread routes, and writes body chunks to the open files (buffered
-page-cache writes).  Creating the files (:meth:`Deliverer.begin`) and making them durable
-(:class:`GroupCommitter`) block on the file system's journal, so they run through the
-injected ``run_in_thread``; the pool threads only create directories and uniquely named
-files through :class:`~popgate.maildir.MaildirStore`, whose per-user cache tolerates
-concurrent first uses (the same directories created twice, ``exist_ok``).  At most
+Concurrency: the reactor thread routes, and writes body chunks to the open files
+(buffered; a small message reaches the file only when it is committed).  Creating the
+files and making them durable (:class:`GroupCommitter`) block on the file system, so they
+run through the injected ``run_in_thread``.  Files are created ahead of time by a
+:class:`SparePool` (one thread call at a time, making every spare wanted so far), so that
+:meth:`Deliverer.begin` normally needs no thread call; when a user has no spare left, the
+files of that message are created in a thread call of their own.  The pool threads only
+create directories and uniquely named files through
+:class:`~popgate.maildir.MaildirStore`, whose per-user cache tolerates concurrent first uses
+(the same directories created twice, ``exist_ok``), and remove spares.  At most
 ``max_in_flight`` commits run at once; transactions that finish while all are busy are
 committed together in the next thread call, sharing the ``new/`` directory fsyncs (group
 commit).  A transaction's Deferred fires only after its own files and directories are
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import functools
 import ipaddress
 import secrets
 import time
@@ -179,18 +185,11 @@ class Envelope:
 
 
 class GroupCommitter:
-    """Runs Maildir commits in threads, grouping those that queue up behind busy ones.
+    """Runs Maildir commits in threads, grouping those that queue up behind busy ones."""
 
-    ``side_job`` (optional) is called on the reactor thread as each thread call starts; a
-    callable it returns runs in that thread call after the commits (other disk work that
-    then needs no thread call of its own), and its ``done()`` on the reactor thread after.
-    """
-
-    def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4,
-                 side_job: Callable[[], _SideJob | None] | None = None):
+    def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4):
         self._run_in_thread = run_in_thread
         self._max_in_flight = max_in_flight
-        self._side_job = side_job
         self._in_flight = 0
         self._queue: list[tuple[list[IncomingMessage], defer.Deferred]] = []
 
@@ -205,11 +204,10 @@ class GroupCommitter:
     def _start_group(self) -> None:
         group, self._queue = self._queue, []
         self._in_flight += 1
-        job = self._side_job() if self._side_job is not None else None
-        d = self._run_in_thread(commit_group, [messages for messages, _ in group], job)
-        d.addBoth(self._group_done, group, job)
+        d = self._run_in_thread(commit_group, [messages for messages, _ in group])
+        d.addBoth(self._group_done, group)
 
-    def _group_done(self, outcomes, group, job) -> None:
+    def _group_done(self, outcomes, group) -> None:
         self._in_flight -= 1
         if isinstance(outcomes, Failure):
             # commit_group itself failed (not one delivery's OSError): fail them all.
@@ -217,24 +215,22 @@ class GroupCommitter:
             for messages, _ in group:
                 for message in messages:
                     message.abort()
-        for (_, done), outcome in zip(group, outcomes, strict=True):
+        for (messages, done), outcome in zip(group, outcomes, strict=True):
+            for message in messages:
+                message.close()
             if outcome is None:
                 done.callback(None)
             else:
                 done.errback(outcome)
-        if job is not None:
-            job.done()
         if self._queue and self._in_flight < self._max_in_flight:
             self._start_group()
 
 
-def commit_group(groups: list[list[IncomingMessage]],
-                 side_job: Callable[[], None] | None = None) -> list[OSError | None]:
+def commit_group(groups: list[list[IncomingMessage]]) -> list[OSError | None]:
     """Commit several deliveries in one thread call; one outcome per delivery.
 
     Each delivery's files are fsynced and renamed on their own (a failure aborts only that
-    delivery); the ``new/`` directories of all of them are then fsynced once each.  Then
-    ``side_job`` runs, if given (it handles its own errors).
+    delivery); the ``new/`` directories of all of them are then fsynced once each.
     """
     outcomes: list[OSError | None] = []
     waiting: dict[str, list[int]] = {}  # new/ directory -> deliveries that need its fsync
@@ -253,101 +249,123 @@ def commit_group(groups: list[list[IncomingMessage]],
         except OSError as e:
             for index in indexes:
                 outcomes[index] = e
-    if side_job is not None:
-        side_job()
     return outcomes
 
 
-class _SideJob:
-    """Spare files to create and stale ones to remove, in a commit's thread call."""
-
-    def __init__(self, spares: SparePool, users: list[User], stale: list[IncomingMessage]):
-        self._spares = spares
-        self.users = users
-        self.stale = stale
-        self.created: list[tuple[User, IncomingMessage]] = []
-        self.error: OSError | None = None
-
-    def __call__(self) -> None:
-        """In the thread: remove the stale spares, create the new ones."""
-        for message in self.stale:
-            message.abort()
-        store = self._spares.store
-        try:
-            for user in self.users:
-                self.created.append((user, store.new_message(store.maildir(user))))
-        except OSError as e:
-            self.error = e
-
-    def done(self) -> None:
-        """On the reactor thread, once the thread call has returned (or failed)."""
-        self._spares.job_done(self)
+def make_spares(store: MaildirStore, wanted: list[tuple[User, int]],
+                stale: list[IncomingMessage]) -> tuple[list[tuple[User, IncomingMessage]],
+                                                       OSError | None]:
+    """In a thread: remove ``stale`` spares, create ``wanted`` ones; (created, error)."""
+    for message in stale:
+        message.abort()
+    created: list[tuple[User, IncomingMessage]] = []
+    try:
+        for user, count in wanted:
+            directory = store.maildir(user)
+            for _ in range(count):
+                created.append((user, store.new_message(directory)))
+    except OSError as e:
+        return created, e
+    return created, None
 
 
 class SparePool:
     """Empty ``tmp/`` files made ahead of time, so that a message needs no thread call to
-    get its files (reactor thread only, apart from :class:`_SideJob`'s thread part).
+    get its files (a file creation waits for the file system; measured, it costs from a
+    few tens of microseconds to milliseconds).
 
-    A spare taken is replaced by the next commit's thread call, and so is each one that
-    was missing; at most ``limit`` spares exist, and one unused for ``max_age`` seconds is
-    removed (by the next commit's thread call) rather than handed out: a spare's name
-    carries its creation time.  Spares left behind by a crash are empty ``tmp/`` files,
-    which :meth:`~popgate.maildir.MaildirStore.clean_tmp` removes in time.
+    Spares are made in the background, one thread call at a time, each making every spare
+    wanted so far (:func:`make_spares`): each user has a target number of spares, which
+    grows by one (to ``per_user`` at most) whenever a message finds none, so that it
+    follows the number of messages that user receives at once; at most ``limit`` spares
+    exist in all.  A spare unused for ``max_age`` seconds is removed (by the next thread
+    call) rather than handed out: its name carries its creation time.  Spares left behind
+    by a crash are empty ``tmp/`` files, which
+    :meth:`~popgate.maildir.MaildirStore.clean_tmp` removes in time.  Reactor thread only.
     """
 
-    def __init__(self, store: MaildirStore, now: Callable[[], float], *, limit: int = 64,
+    def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred],
+                 now: Callable[[], float], *, limit: int = 64, per_user: int = 16,
                  max_age: float = 60.0):
-        self.store = store
+        self._store = store
+        self._run_in_thread = run_in_thread
         self._now = now
         self._limit = limit
+        self._per_user = per_user
         self._max_age = max_age
         self._spares: dict[str, deque[tuple[float, IncomingMessage]]] = {}
-        self._count = 0  # spares in the pool or being created
-        self._wanted: list[User] = []
-        self._stale: list[IncomingMessage] = []
-        self._error_logged = False
+        self._targets: dict[str, int] = {}
+        self._pending: dict[str, int] = {}  # being made, per user
+        self._count = 0  # spares in the pool or being made
+        self._wanted: dict[str, tuple[User, int]] = {}  # to make in the next thread call
+        self._stale: list[IncomingMessage] = []  # to remove in the next thread call
+        self._refilling = False
         self._closed = False
+        self._error_logged = False
 
     def take(self, users: list[User]) -> list[IncomingMessage] | None:
         """One spare for each of ``users``, or None (none taken) if one has none."""
         if self._closed:
             return None
         oldest = self._now() - self._max_age
+        queues = []
         for user in users:
             queue = self._spares.get(user.name)
             while queue and queue[0][0] < oldest:
                 self._stale.append(queue.popleft()[1])
                 self._count -= 1
+            queues.append(queue)
         taken = None
-        if all(self._spares.get(user.name) for user in users):
-            taken = [self._spares[user.name].popleft()[1] for user in users]
+        if all(queues):
+            taken = [queue.popleft()[1] for queue in queues]
             self._count -= len(taken)
-        for user in users:  # replace what was taken, or make what was missing
-            if self._count < self._limit:
-                self._count += 1
-                self._wanted.append(user)
+        for user in users:
+            if taken is None:  # more messages for this user at once than spares
+                self._targets[user.name] = min(self._targets.get(user.name, 1) + 1,
+                                               self._per_user)
+            self._top_up(user)
         return taken
 
-    def side_job(self) -> _SideJob | None:
-        """The work for the next commit's thread call, if any."""
-        if self._closed or (not self._wanted and not self._stale):
-            return None
-        job = _SideJob(self, self._wanted, self._stale)
-        self._wanted, self._stale = [], []
-        return job
+    def _top_up(self, user: User) -> None:
+        have = len(self._spares.get(user.name, ())) + self._pending.get(user.name, 0)
+        missing = min(self._targets.get(user.name, 1) - have, self._limit - self._count)
+        if missing > 0:
+            self._count += missing
+            self._pending[user.name] = self._pending.get(user.name, 0) + missing
+            _, before = self._wanted.get(user.name, (user, 0))
+            self._wanted[user.name] = (user, before + missing)
 
-    def job_done(self, job: _SideJob) -> None:
+    def refill(self) -> None:
+        """Start a thread call for the wanted and stale spares, unless one is running."""
+        if self._refilling or self._closed or not (self._wanted or self._stale):
+            return
+        wanted, stale = list(self._wanted.values()), self._stale
+        self._wanted, self._stale = {}, []
+        self._refilling = True
+        d = self._run_in_thread(make_spares, self._store, wanted, stale)
+        d.addBoth(self._refilled, wanted)
+
+    def _refilled(self, result, wanted: list[tuple[User, int]]) -> None:
+        self._refilling = False
+        if isinstance(result, Failure):
+            created, error = [], result.value
+        else:
+            created, error = result
+        for user, count in wanted:
+            self._pending[user.name] -= count
+            self._count -= count
+        if error is not None and not self._error_logged:
+            self._error_logged = True  # the deliveries that follow report their own errors
+            log.error("cannot make spare message files: {error}", error=error)
         if self._closed:
-            for _, message in job.created:
+            for _, message in created:
                 message.abort()
             return
         now = self._now()
-        for user, message in job.created:
+        for user, message in created:
             self._spares.setdefault(user.name, deque()).append((now, message))
-        self._count -= len(job.users) - len(job.created)
-        if job.error is not None and not self._error_logged:
-            self._error_logged = True
-            log.error("cannot make spare message files: {error}", error=job.error)
+            self._count += 1
+        self.refill()
 
     def close(self) -> None:
         """Remove every spare (blocking: for shutdown); make no more."""
@@ -357,7 +375,7 @@ class SparePool:
                 message.abort()
         for message in self._stale:
             message.abort()
-        self._spares, self._stale, self._wanted, self._count = {}, [], [], 0
+        self._spares, self._stale, self._wanted = {}, [], {}
 
 
 class Transaction:
@@ -393,7 +411,19 @@ class Transaction:
             self.abort()
 
     def finish(self) -> defer.Deferred:
-        """Make every copy durable; fires with None only once all of them are."""
+        """Make every copy durable; fires with None only once all of them are.
+
+        What is still buffered goes to the files first, here: a page-cache write, and
+        one system call less in the commit's thread (where each one waits for the GIL).
+        """
+        if self._error is None:
+            try:
+                for _, message in self._copies:
+                    message.flush()
+            except OSError as e:
+                log.error("{id}: cannot write message: {error}", id=self.id, error=e)
+                self._error = e
+                self.abort()
         if self._error is not None:
             return defer.fail(self._error)
         return self._committer.commit([message for _, message in self._copies])
@@ -414,9 +444,8 @@ class Deliverer:
         self._run_in_thread = run_in_thread
         self._hostname = hostname
         self._now = now
-        self._spares = SparePool(store, now, limit=spares)
-        self._committer = GroupCommitter(run_in_thread, max_in_flight,
-                                         side_job=self._spares.side_job)
+        self._spares = SparePool(store, run_in_thread, now, limit=spares)
+        self._committer = GroupCommitter(run_in_thread, max_in_flight)
         self._date_second: int | None = None
         self._date_text = ""
 
@@ -432,11 +461,11 @@ class Deliverer:
     def begin(self, envelope: Envelope) -> defer.Deferred:
         """Open one ``tmp/`` file per recipient user; fires with a Transaction.
 
-        Creating files blocks while the file system commits its journal (other sessions'
-        fsyncs), so it is kept off the reactor: the files are spares made earlier in a
-        commit's thread call (the Deferred has then fired already), or they are created in
-        a thread now.  Fails with OSError, leaving nothing behind, if a file cannot be
-        created.
+        Creating files can block on the file system (other sessions' fsyncs, its inode
+        allocator), so it is kept off the reactor: the files are spares made earlier in
+        the background by a :class:`SparePool` (the Deferred has then fired already), or
+        they are created in a thread now.  Fails with OSError, leaving nothing behind, if
+        a file cannot be created.
         """
         transaction_id = new_transaction_id()
         date = self._date()
@@ -447,10 +476,12 @@ class Deliverer:
             for (user, address), message in zip(recipients, spares, strict=True):
                 message.write(trace_headers(envelope, user, address, self._hostname,
                                             transaction_id, date))
+            self._spares.refill()
             return defer.succeed(Transaction(transaction_id, envelope, copies,
                                              self._committer))
         d = self._run_in_thread(self._open_copies, envelope, recipients, transaction_id,
                                 date)
+        self._spares.refill()
         return d.addCallback(
             lambda copies: Transaction(transaction_id, envelope, copies, self._committer))
 
@@ -475,9 +506,20 @@ class Deliverer:
         return copies
 
 
+_random_ids: list[str] = []
+
+
 def new_transaction_id() -> str:
-    """A short random id for "queued as", Received and the logs (base32, 13 characters)."""
-    return base64.b32encode(secrets.token_bytes(8)).decode("ascii").rstrip("=")
+    """A short random id for "queued as", Received and the logs (base32, 13 characters).
+
+    Made 256 at a time: one system call for the random bytes instead of one per message.
+    Reactor thread only (the list is not locked).
+    """
+    if not _random_ids:
+        # 13 digits of a random base32 stream (the last, partial and padded one dropped).
+        block = base64.b32encode(secrets.token_bytes(13 * 5 * 32)).decode("ascii")
+        _random_ids.extend(block[i:i + 13] for i in range(0, len(block) - 12, 13))
+    return _random_ids.pop()
 
 
 def _users_and_first_address(recipients) -> list[tuple[User, str]]:
@@ -514,6 +556,7 @@ def received_header(envelope: Envelope, address: str, hostname: str,
     return fold("Received:", clauses)
 
 
+@functools.lru_cache(maxsize=1024)
 def _tcp_info(client_ip: str | None) -> str:
     """RFC 5321 §4.4 TCP-info; we do no reverse DNS, so the name is "unknown"."""
     if client_ip is None:

@@ -230,10 +230,10 @@ class IncomingMessage:
     """A message being written to ``tmp/``; the caller feeds LF-terminated bytes.
 
     Writes collect in a buffer of :data:`WRITE_BUFFER` octets, so a typical message
-    reaches the file in one ``write`` call when it is committed (in a thread): a write
-    into a fresh file can wait on the file system journal while other deliveries fsync.
-    A bigger message is written out in blocks of that size as it arrives, so no more
-    than one block per message is ever held in memory.
+    reaches the file (the page cache) in one ``write`` call, at :meth:`flush`; a bigger
+    message is written out in blocks of that size as it arrives, so no more than one
+    block per message is ever held in memory.  :meth:`sync` (slow: in a thread) makes
+    the content durable; :meth:`close` then only releases the descriptor.
     """
 
     def __init__(self, maildir: Maildir, unique: str):
@@ -273,11 +273,17 @@ class IncomingMessage:
     def final_name(self) -> str:
         return f"{self.unique},S={self.size},W={self.size + self.lines}"
 
-    def flush_and_sync(self) -> None:
+    def sync(self) -> None:
+        """Write out the buffer and fsync the file (slow: run it in a thread)."""
         self.flush()
         os.fsync(self._fd)
-        fd, self._fd = self._fd, None
-        os.close(fd)
+
+    def close(self) -> None:
+        """Release the file descriptor (after :meth:`sync`, or to give up on the file)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            with contextlib.suppress(OSError):  # after fsync, nothing is left to report
+                os.close(fd)
 
     def abort(self) -> None:
         """Forget the message: close and remove the ``tmp/`` file."""
@@ -297,18 +303,21 @@ def commit(messages: list[IncomingMessage]) -> None:
     """
     for directory in publish(messages):
         fsync_directory(directory)
+    for message in messages:
+        message.close()
 
 
 def publish(messages: list[IncomingMessage]) -> set[str]:
     """fsync each message and rename it into ``new/``; return the ``new/`` directories.
 
     The renames are durable only once the caller has fsynced every returned directory
-    (:func:`commit` does; a group committer fsyncs the union for many deliveries).  Slow:
-    run it in a thread.  On error, every message not yet in ``new/`` is aborted.
+    (:func:`commit` does; a group committer fsyncs the union for many deliveries).  The
+    files stay open: the caller closes them.  Slow: run it in a thread.  On error, every
+    message not yet in ``new/`` is aborted.
     """
     try:
         for message in messages:
-            message.flush_and_sync()
+            message.sync()
         directories = set()
         for message in messages:
             new = os.path.join(message.maildir.path, "new")

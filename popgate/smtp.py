@@ -50,13 +50,20 @@ from popgate.limits import LogLimiter
 from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
+CLOSE_GRACE = 30.0  # seconds a closing session may take to flush its last replies
 MAX_BACKLOG = 64 * 1024  # unprocessed input held while replies cannot be written
 _MAX_SIZE_DIGITS = 20
+# Replies sent for every message, encoded once.
+_MAIL_OK = b"250 2.1.0 Ok\r\n"
+_RCPT_OK = b"250 2.1.5 Ok\r\n"
+_GO_AHEAD = b"354 End data with <CR><LF>.<CR><LF>\r\n"
 _HELO_NAME = re.compile(r"[\x21-\x7e]{1,255}\Z")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")  # RFC 5321 §4.1.2 esmtp-value
-_BODY_TYPES = ("7BIT", "8BITMIME", "BINARYMIME")
-_COMMON_COMMANDS = ("MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
+# BINARYMIME (RFC 3030) is not offered: Maildir stores LF line ends, so a binary body
+# could not be kept byte for byte.
+_BODY_TYPES = ("7BIT", "8BITMIME")
+_COMMON_COMMANDS = ("MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP",
                     "STARTTLS")
 SMTP_COMMANDS = ("EHLO", "HELO", *_COMMON_COMMANDS)
 LMTP_COMMANDS = ("LHLO", *_COMMON_COMMANDS)  # RFC 2033 §4.1: LHLO replaces EHLO and HELO
@@ -112,10 +119,14 @@ class SMTPServer(protocol.Protocol):
         self._buffer = b""
         self._position = 0  # start of the unread input in _buffer
         self._processing = False
-        self._waiting = False  # an asynchronous reply is owed
+        self._pending: defer.Deferred | None = None  # the asynchronous reply owed, if any
+        self._close_timer = None
         self._opening = False  # DATA accepted, its files are still being opened
         self._output_full = False  # the transport asked us to stop producing
         self._reading_paused = False
+        self._buffer_seen = False  # any input arrived (the peer is final: see _peer)
+        self._peer_text: str | None = None
+        self._client_ip: str | None = None
         self._errors = 0
         self._messages = 0
         self._tls = factory.implicit_tls
@@ -149,6 +160,8 @@ class SMTPServer(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._mode = Mode.CLOSED
         self._cancel_timers()
+        if self._close_timer is not None and self._close_timer.active():
+            self._close_timer.cancel()
         self._abort_transaction()
         self.factory.limiter.release(self._client_host)
         self.log.info("{proto} connection from {peer} closed; {n} message(s) accepted, {tls}",
@@ -160,9 +173,15 @@ class SMTPServer(protocol.Protocol):
         return "LMTP" if self.factory.lmtp else "SMTP"
 
     def _peer(self) -> str:
+        if self._peer_text is not None:
+            return self._peer_text
         peer = self.transport.getPeer()
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        return f"{host}:{port}" if host is not None else "local socket"
+        text = f"{host}:{port}" if host is not None else "local socket"
+        if self._mode is not Mode.CLOSED and self._buffer_seen:
+            # Input has arrived, so a PROXY header (which changes the peer) is behind us.
+            self._peer_text, self._client_ip = text, host
+        return text
 
     def _tls_summary(self) -> str:
         if not self._tls:
@@ -175,7 +194,14 @@ class SMTPServer(protocol.Protocol):
         self._abort_transaction()
         # A registered producer keeps the transport from closing (FileDescriptor docs).
         self.transport.unregisterProducer()
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()  # a TLS close needs to read the peer's alert
         self.transport.loseConnection()
+        # loseConnection waits for the output to drain; a peer that never reads would
+        # keep the session (and its connection slot) for ever.
+        self._close_timer = self.factory.clock.callLater(
+            CLOSE_GRACE, self.transport.abortConnection)
 
     # -- IPushProducer: the transport's write buffer is full / drained --------------
 
@@ -213,10 +239,15 @@ class SMTPServer(protocol.Protocol):
     # -- timers -----------------------------------------------------------------------
 
     def _restart_idle_timer(self) -> None:
-        """Command timeout between commands, data timeout per block (RFC 5321 §4.5.3.2)."""
+        """Command timeout between commands, data timeout per block (RFC 5321 §4.5.3.2).
+
+        While we owe an answer the timer keeps running but does not fire (see
+        :meth:`_idle_timeout`): the client is not the one who is late.  Resetting a running
+        timer is cheaper than cancelling it and making a new one, and this runs several
+        times per message.
+        """
         timer = self._idle_timer
-        if self._mode is Mode.CLOSED or self._waiting:
-            # While we owe an answer, the client is not the one who is late.
+        if self._mode is Mode.CLOSED:
             if timer is not None and timer.active():
                 timer.cancel()
             self._idle_timer = None
@@ -224,9 +255,14 @@ class SMTPServer(protocol.Protocol):
         in_data = self._mode in (Mode.DATA, Mode.CHUNK)
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
         if timer is not None and timer.active():
-            timer.reset(timeout)  # cheaper than a new DelayedCall, and this runs per command
+            timer.reset(timeout)
         else:
-            self._idle_timer = self.factory.clock.callLater(timeout, self._timed_out, "timeout")
+            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if not self._waiting:  # else the timer starts again once the answer is written
+            self._timed_out("timeout")
 
     def _cancel_timers(self) -> None:
         for timer in (self._idle_timer, self._session_timer):
@@ -245,6 +281,7 @@ class SMTPServer(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._mode is Mode.CLOSED:
             return
+        self._buffer_seen = True
         self._buffer += data
         if self._mode in (Mode.DATA, Mode.CHUNK):
             self._restart_idle_timer()
@@ -347,9 +384,19 @@ class SMTPServer(protocol.Protocol):
         self._reply(refusal.code, refusal.enhanced, refusal.text)
 
     def _refuse(self, error: CommandError) -> None:
-        """Answer a refusal; too many 5xx ones end the session (enumeration brake)."""
-        self._answer(error.refusal)
-        if error.refusal.code < 500:
+        """Answer and log a refusal; too many 5xx ones end the session (enumeration brake).
+
+        The log line names the client and the reason, at most once a minute for the same
+        client and reply code, so a client hammering bad commands cannot flood the log.
+        """
+        refusal = error.refusal
+        self._answer(refusal)
+        host = self._client_host
+        if self.factory.refusal_log.allow((host, refusal.code, refusal.enhanced)):
+            self.log.info("{proto} {peer}: refused: {code} {enhanced} {text}",
+                          proto=self._name, peer=self._peer(), code=refusal.code,
+                          enhanced=refusal.enhanced, text=refusal.text)
+        if refusal.code < 500:
             return
         self._errors += 1
         if self._errors >= self.settings.max_errors:
@@ -358,15 +405,26 @@ class SMTPServer(protocol.Protocol):
             self._reply(421, "4.7.0", f"{self.factory.hostname} Error: too many errors")
             self._close()
 
+    @property
+    def _waiting(self) -> bool:
+        return self._pending is not None
+
     def _wait_for(self, d: defer.Deferred) -> None:
-        """Stop reading input until ``d`` (which writes the reply) has fired."""
-        self._waiting = True
+        """Stop reading input until ``d`` (which writes the reply) has fired.
+
+        A wait started inside ``d``'s callbacks (``BDAT 0 LAST`` finishing the message
+        right after its files were opened) replaces this one; only the newest wait ends
+        the pause, so replies stay in order (RFC 2920 §3.1).
+        """
+        self._pending = d
         self._restart_idle_timer()
         d.addErrback(self._internal_error)
-        d.addBoth(self._done_waiting)
+        d.addBoth(self._done_waiting, d)
 
-    def _done_waiting(self, _ignored) -> None:
-        self._waiting = False
+    def _done_waiting(self, _ignored, d: defer.Deferred) -> None:
+        if self._pending is not d:
+            return
+        self._pending = None
         self._update_reading()
         self._restart_idle_timer()
         self._process()
@@ -449,7 +507,7 @@ class SMTPServer(protocol.Protocol):
         sender = _parse_address(path, smtputf8, "5.1.7")
         self._sender = "" if sender is None else str(sender)
         self._body, self._smtputf8 = body, smtputf8
-        self._reply(250, "2.1.0", "Ok")
+        self.transport.write(_MAIL_OK)
 
     def _parse_mail_parameters(self, parameters: list[str]) -> tuple[str, bool]:
         """Check MAIL's ESMTP parameters; return (BODY type, SMTPUTF8 given)."""
@@ -469,8 +527,10 @@ class SMTPServer(protocol.Protocol):
         if "SIZE" in values:
             self._check_declared_size(values["SIZE"])
         body = values.get("BODY", "7BIT")
+        if body is not None and body.upper() == "BINARYMIME":
+            raise CommandError(555, "5.5.4", "Error: BODY=BINARYMIME is not supported")
         if body is None or body.upper() not in _BODY_TYPES:
-            raise _syntax("BODY=7BIT|8BITMIME|BINARYMIME")
+            raise _syntax("BODY=7BIT|8BITMIME")
         if values.get("SMTPUTF8") is not None:
             raise _syntax("SMTPUTF8 takes no value")
         return body.upper(), "SMTPUTF8" in values
@@ -504,7 +564,7 @@ class SMTPServer(protocol.Protocol):
             refusal = resolution.refusal
             raise CommandError(refusal.code, refusal.enhanced, f"<{address}>: {refusal.text}")
         self._recipients.append(Recipient(address, resolution.users))
-        self._reply(250, "2.1.5", "Ok")
+        self.transport.write(_RCPT_OK)
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:
@@ -523,8 +583,15 @@ class SMTPServer(protocol.Protocol):
                                   "delivery")
 
     def smtp_HELP(self, argument: str) -> None:
-        self._reply(214, "2.0.0", "Commands: " + " ".join(self.factory.commands),
+        available = [c for c in self.factory.commands
+                     if c != "STARTTLS" or (self.factory.tls is not None and not self._tls)]
+        self._reply(214, "2.0.0", "Commands: " + " ".join(available),
                     "See RFC 5321" if not self.factory.lmtp else "See RFC 2033")
+
+    def smtp_EXPN(self, argument: str) -> None:
+        # RFC 5321 §3.5.2 / §4.2.4: recognised, deliberately not implemented (mailing-list
+        # expansion would enumerate users): 502, not "unknown command".
+        raise CommandError(502, "5.5.1", "Error: EXPN is not available")
 
     def smtp_QUIT(self, argument: str) -> None:
         if argument:
@@ -553,6 +620,8 @@ class SMTPServer(protocol.Protocol):
         if self._sender is None:
             raise _sequence("Error: need MAIL command")
         if not self._recipients:
+            if self.factory.lmtp:
+                raise _sequence("Error: no valid recipients")  # RFC 2033 §4.2
             raise CommandError(554, "5.5.1", "Error: no valid recipients")
 
     def _begin(self) -> defer.Deferred:
@@ -561,7 +630,8 @@ class SMTPServer(protocol.Protocol):
             sender=self._sender,
             recipients=tuple(self._recipients),
             helo=self._helo,
-            client_ip=getattr(self.transport.getPeer(), "host", None),
+            client_ip=self._client_ip if self._peer_text is not None else getattr(
+                self.transport.getPeer(), "host", None),
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self._tls else None,
         )
@@ -596,8 +666,8 @@ class SMTPServer(protocol.Protocol):
         if argument:
             raise _syntax("DATA")
         self._check_ready_for_data()
-        if self._body == "BINARYMIME" or self._chunking:
-            # RFC 3030 §3: BINARYMIME needs BDAT; DATA and BDAT do not mix.
+        if self._chunking:
+            # RFC 3030 §3: DATA and BDAT do not mix in one transaction.
             raise _sequence("Error: use BDAT for this message")
         # 354 goes out at once, in the same write as the replies pipelined before DATA,
         # while the files are opened (a thread hop).  Message data that arrives first
@@ -630,7 +700,7 @@ class SMTPServer(protocol.Protocol):
         self._decoder = DataDecoder()
         self._mode = Mode.DATA
         # RFC 2034 §4 allows 354 without an enhanced code; clients expect it bare.
-        self._reply(354, None, "End data with <CR><LF>.<CR><LF>")
+        self.transport.write(_GO_AHEAD)
         self._restart_idle_timer()
 
     def _read_data(self) -> bool:
@@ -668,14 +738,13 @@ class SMTPServer(protocol.Protocol):
         """The whole message is in: refuse it, or deliver it and answer after fsync."""
         transaction, recipients = self._transaction, self._recipients
         self._transaction = None  # its fate is decided here, not by the reset below
-        binary = self._body == "BINARYMIME"
         unstorable = self._unstorable
         self._reset_transaction()
         if transaction is None:  # no files to open, or aborted on the way: too big
             self._answer_message(recipients, unstorable or Refusal(
                 552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
             return
-        if bare_newline and not binary and self.settings.bare_newline == "reject":
+        if bare_newline and self.settings.bare_newline == "reject":
             transaction.abort()
             self._answer_message(recipients, Refusal(
                 554, "5.6.0", "Error: bare <CR> or <LF> in message data is not allowed"))
@@ -688,10 +757,15 @@ class SMTPServer(protocol.Protocol):
     def _delivered(self, _ignored, transaction) -> None:
         self._messages += 1
         envelope = transaction.envelope
-        self.log.info("{id}: delivered from <{sender}> to {rcpts} ({size} octets) for {peer}",
-                      id=transaction.id, sender=envelope.sender,
-                      rcpts=", ".join(u.name for u in transaction.users),
-                      size=transaction.size, peer=self._peer())
+        rcpts = ", ".join(u.name for u in transaction.users)
+        peer = self._peer()
+        # One line per message, formatted here: the fields are in the event too, but a
+        # format string without fields is much cheaper for the log observer to render
+        # (this runs for every message, on the reactor thread).
+        text = (f"{transaction.id}: delivered from <{envelope.sender}> to {rcpts} "
+                f"({transaction.size} octets) for {peer}")
+        self.log.info(text.replace("{", "{{").replace("}", "}}"), id=transaction.id,
+                      sender=envelope.sender, rcpts=rcpts, size=transaction.size, peer=peer)
         self._answer_message(envelope.recipients,
                              Refusal(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
@@ -751,12 +825,23 @@ class SMTPServer(protocol.Protocol):
             self._end_of_chunk()
         return True
 
+    def _refuse_chunk(self, chunk: _Chunk) -> None:
+        """RFC 3030 §2: a refused chunk fails the whole transaction, so chunks pipelined
+        after it are read, discarded and refused too (503: no transaction)."""
+        recipients, had_envelope = self._recipients, self._sender is not None
+        if had_envelope:
+            self._reset_transaction()
+        refusal = chunk.refusal
+        if chunk.last and self.factory.lmtp and recipients:
+            self._answer_message(recipients, refusal)  # RFC 2033 §4.2: one per recipient
+            return
+        self._refuse(CommandError(refusal.code, refusal.enhanced, refusal.text))
+
     def _end_of_chunk(self) -> None:
         chunk = self._chunk
         self._back_to_commands()
         if chunk.refusal is not None:
-            self._refuse(CommandError(chunk.refusal.code, chunk.refusal.enhanced,
-                                      chunk.refusal.text))
+            self._refuse_chunk(chunk)
         elif chunk.last:
             self._store(self._chunk_decoder.feed(b"", last=True))
             self._end_of_message(self._chunk_decoder.bare_newline)
@@ -835,10 +920,12 @@ class _RefusedConnection(protocol.Protocol):
 class SMTPFactory(protocol.Factory):
     """Builds sessions for one SMTP, implicit-TLS SMTP or LMTP listener."""
 
+    noisy = False  # ListenerService logs where it listens; no "Starting factory" lines
+
     log = Logger()
 
     def __init__(self, *, config, users, store, clock, run_in_thread, limiter, tls=None,
-                 lmtp: bool = False, implicit_tls: bool = False):
+                 lmtp: bool = False, implicit_tls: bool = False, spares: int = 64):
         self.config = config
         self.hostname = config.hostname
         self.clock = clock
@@ -849,8 +936,8 @@ class SMTPFactory(protocol.Factory):
         self.commands = LMTP_COMMANDS if lmtp else SMTP_COMMANDS
         self.router = Router(config, users)
         self.deliverer = Deliverer(store, run_in_thread, hostname=self.hostname,
-                                   now=clock.seconds)
-        self._refusal_log = LogLimiter(clock)
+                                   now=clock.seconds, spares=spares)
+        self.refusal_log = LogLimiter(clock)
 
     def stopFactory(self) -> None:
         """The last listener using this factory stopped: remove the spare files."""
@@ -860,7 +947,7 @@ class SMTPFactory(protocol.Factory):
         host = getattr(addr, "host", None) or "local socket"
         reason = self.limiter.acquire(host)
         if reason is not None:
-            if self._refusal_log.allow((host, reason)):
+            if self.refusal_log.allow((host, reason)):
                 self.log.warn("refused connection from {host}: {reason}",
                               host=host, reason=reason)
             return _RefusedConnection(self.hostname, reason)

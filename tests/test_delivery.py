@@ -28,7 +28,7 @@ from popgate.delivery import (
     fold,
     received_header,
 )
-from popgate.maildir import IncomingMessage, MaildirStore
+from popgate.maildir import MaildirStore
 from popgate.users import UserDB, UserFile, hash_password
 
 
@@ -172,7 +172,7 @@ class DelivererTests(UsersFixture, TestCase):
         super().setUp()
         self.store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
         self.deliverer = Deliverer(self.store, synchronous, hostname="mx.example.net",
-                                   now=lambda: 1_700_000_000.0)
+                                   now=lambda: 1_700_000_000.0, spares=0)
 
     def envelope(self, *addresses, **changes):
         router = Router(self.make_config(**{"aliases.all@example.org": [
@@ -319,7 +319,7 @@ class GroupCommitTests(UsersFixture, TestCase):
         self.assertNoResult(first)
         threads.run_next()
         self.successResultOf(first)
-        [(_, _, (groups, _))] = threads.calls
+        [(_, _, (groups,))] = threads.calls
         self.assertEqual(len(groups), 3)
         for d in later:
             self.assertNoResult(d)
@@ -329,29 +329,18 @@ class GroupCommitTests(UsersFixture, TestCase):
         self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
                          4)
 
-    def test_side_job_runs_in_the_thread_call_after_the_commits(self):
-        threads = Deferring()
-        events = []
-
-        class Job:
-            def __call__(self):
-                events.append(("job", os.listdir(os.path.join(message.maildir.path, "new"))))
-
-            def done(self):
-                events.append(("done", d.called))
-
-        committer = GroupCommitter(threads, side_job=Job)
-        message = self.message()
-        d = committer.commit([message])
-        threads.run_next()
-        self.assertEqual(events, [("job", [os.path.basename(message.final_path)]),
-                                  ("done", True)])
+    def test_files_are_closed_once_committed(self):
+        committer = GroupCommitter(synchronous)
+        messages = [self.message(), self.message("bob@example.org")]
+        self.successResultOf(committer.commit(messages))
+        self.assertEqual([m.closed for m in messages], [True, True])
+        self.assertEqual([os.path.exists(m.final_path) for m in messages], [True, True])
 
     def test_directory_fsync_is_shared(self):
+        groups = [[self.message()], [self.message()], [self.message("bob@example.org")]]
         synced = []
         self.patch(maildir, "fsync_directory", synced.append)
-        outcomes = commit_group([[self.message()], [self.message()],
-                                 [self.message("bob@example.org")]])
+        outcomes = commit_group(groups)
         self.assertEqual(outcomes, [None, None, None])
         self.assertEqual(len(synced), 2)
 
@@ -373,7 +362,7 @@ class GroupCommitTests(UsersFixture, TestCase):
 
 
 class SpareTests(UsersFixture, TestCase):
-    """Spare tmp/ files: the files of the next message are made in a commit's thread call."""
+    """Spare tmp/ files: a message's files are made ahead of time, in the background."""
 
     def setUp(self):
         super().setUp()
@@ -381,7 +370,7 @@ class SpareTests(UsersFixture, TestCase):
         self.threads = Deferring()
         self.now = 1_700_000_000.0
         self.deliverer = Deliverer(self.store, self.threads, hostname="mx.example.net",
-                                   now=lambda: self.now, spares=3)
+                                   now=lambda: self.now, spares=4)
         self.created = []
         real = self.store.new_message
 
@@ -400,109 +389,122 @@ class SpareTests(UsersFixture, TestCase):
         return sorted(os.listdir(os.path.join(self.data_dir, "mail", domain, local, "Maildir",
                                               "tmp")))
 
-    def deliver(self, *names, text=b"body\n"):
+    def run_threads(self):
+        while self.threads.calls:
+            self.threads.run_next()
+
+    def begin(self, *names):
         d = self.deliverer.begin(self.envelope(*names))
-        if not d.called:
-            self.threads.run_next()  # no spare: the files are created in a thread
-        transaction = self.successResultOf(d)
+        self.run_threads()
+        return self.successResultOf(d)
+
+    def commit(self, transaction, text=b"body\n"):
         transaction.write(text)
         done = transaction.finish()
-        self.threads.run_next()  # the commit, and the spares' creation
+        self.run_threads()
         self.successResultOf(done)
-        return transaction
 
     def test_next_message_needs_no_thread_call(self):
-        first = self.deliver("alice@example.org")
-        [spare] = self.tmp()
-        self.assertEqual(len(self.created), 2)
-        self.assertEqual(self.created[1].unique, spare)
+        first = self.begin("alice@example.org")  # none yet: made in a thread, and 2 spares
+        self.assertEqual(len(self.created), 3)
+        self.commit(first)
+        spares = [m.unique for m in self.created[1:]]
+        self.assertEqual(self.tmp(), sorted(spares))
         d = self.deliverer.begin(self.envelope("alice@example.org"))
-        second = self.successResultOf(d)  # at once, without a thread call
-        self.assertEqual(self.threads.calls, [])
-        self.assertIs(second._copies[0][1], self.created[1])
-        second.write(b"second\n")
-        done = second.finish()
-        self.threads.run_next()
-        self.successResultOf(done)
+        second = self.successResultOf(d)  # at once, without a thread call for it
+        self.assertIs(second._copies[0][1], self.created[1])  # the oldest spare
+        [(_, f, (_, wanted, _))] = self.threads.calls  # the spare it took is replaced
+        self.assertIs(f, delivery.make_spares)
+        self.assertEqual([(user.name, n) for user, n in wanted], [("alice@example.org", 1)])
+        self.run_threads()
+        self.commit(second, b"second\n")
         infos = self.store.maildir(self.users.get("alice@example.org")).scan()
-        self.assertEqual([i.uidl for i in infos],
-                         [first._copies[0][1].unique, spare])
+        self.assertEqual([i.uidl for i in infos], [first._copies[0][1].unique, spares[0]])
         with open(infos[1].path, "rb") as f:
             content = f.read()
         self.assertTrue(content.startswith(b"Return-Path: <sender@remote.example>\n"))
         self.assertIn(f" id {second.id} ".encode(), content.replace(b"\n\t", b" "))
         self.assertTrue(content.endswith(b"\nsecond\n"))
-        self.assertEqual(len(self.tmp()), 1)  # the next spare
+        self.assertEqual(len(self.tmp()), 2)
 
     def test_every_recipient_needs_a_spare(self):
-        self.deliver("alice@example.org")
+        self.commit(self.begin("alice@example.org"))
         d = self.deliverer.begin(self.envelope("alice@example.org", "bob@example.org"))
         self.assertNoResult(d)  # bob has no spare: both files are made in a thread
-        self.threads.run_next()
-        transaction = self.successResultOf(d)
-        self.assertEqual(len(self.tmp()), 2)  # alice's spare is still there
-        done = transaction.finish()
-        self.threads.run_next()
-        self.successResultOf(done)
-        # alice's old spare is still there, and each of them got a new one
-        self.assertEqual(len(self.tmp()), 2)
+        self.run_threads()
+        self.commit(self.successResultOf(d))
+        # alice's spares are left, and she wants 3 now; bob wants 2 but gets what is left
+        # of the 4 spares allowed.
+        self.assertEqual(len(self.tmp()), 3)
         self.assertEqual(len(self.tmp("bob@example.org")), 1)
 
+    def test_spares_follow_the_messages_in_flight(self):
+        """A user who gets more messages at once than there are spares gets more spares."""
+        self.commit(self.begin("alice@example.org"))
+        self.assertEqual(len(self.tmp()), 2)
+        held = [self.successResultOf(self.deliverer.begin(self.envelope("alice@example.org")))
+                for _ in range(2)]  # the refills wait in the threads
+        d = self.deliverer.begin(self.envelope("alice@example.org"))
+        self.assertNoResult(d)
+        self.run_threads()
+        held.append(self.successResultOf(d))
+        for transaction in held:
+            self.commit(transaction)
+        self.assertEqual(len(self.tmp()), 3)
+        self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
+                         4)
+
     def test_at_most_the_limit(self):
-        for _ in range(4):
-            self.deliver("alice@example.org", "bob@example.org", "carol@example.net")
+        for _ in range(3):
+            self.commit(self.begin("alice@example.org", "bob@example.org",
+                                   "carol@example.net"))
         self.assertEqual(len(self.tmp()) + len(self.tmp("bob@example.org"))
-                         + len(self.tmp("carol@example.net")), 3)
+                         + len(self.tmp("carol@example.net")), 4)
 
     def test_old_spares_are_removed_not_used(self):
-        self.deliver("alice@example.org")
-        [old] = self.tmp()
+        self.commit(self.begin("alice@example.org"))
+        old = self.tmp()
         self.now += 61
         d = self.deliverer.begin(self.envelope("alice@example.org"))
         self.assertNoResult(d)
-        self.threads.run_next()
+        self.run_threads()  # removes the old ones, makes new ones
         transaction = self.successResultOf(d)
-        self.assertNotEqual(transaction._copies[0][1].unique, old)
-        done = transaction.finish()
-        self.threads.run_next()  # the commit's thread call removes the old spare
-        self.successResultOf(done)
-        self.assertEqual(len(self.tmp()), 1)
-        self.assertNotIn(old, self.tmp())
+        self.assertNotIn(transaction._copies[0][1].unique, old)
+        self.commit(transaction)
+        self.assertEqual(len(self.tmp()), 3)
+        self.assertEqual(set(self.tmp()) & set(old), set())
 
     def test_close_removes_the_spares(self):
-        self.deliver("alice@example.org")
+        self.commit(self.begin("alice@example.org"))
         d = self.deliverer.begin(self.envelope("bob@example.org"))
-        self.threads.run_next()
-        done = self.successResultOf(d).finish()
+        self.threads.run_next()  # bob's files; his spares are still being made
+        transaction = self.successResultOf(d)
         self.deliverer.close()
         self.assertEqual(self.tmp(), [])
-        self.threads.run_next()  # a commit under way at close: its new spare goes too
-        self.successResultOf(done)
+        self.run_threads()
+        self.assertEqual(self.tmp("bob@example.org"), [transaction._copies[0][1].unique])
+        self.commit(transaction)  # a delivery under way is not disturbed
         self.assertEqual(self.tmp() + self.tmp("bob@example.org"), [])
         self.assertEqual(len(self.store.maildir(self.users.get("bob@example.org")).scan()), 1)
+        # Every later message gets its files in a thread call of its own.
+        d = self.deliverer.begin(self.envelope("bob@example.org"))
+        [(_, f, _)] = self.threads.calls
+        self.assertIsNot(f, delivery.make_spares)
+        self.run_threads()
+        self.commit(self.successResultOf(d))
+        self.assertEqual(self.tmp("bob@example.org"), [])
 
     def test_failure_to_make_spares_is_logged_once_and_harmless(self):
-        real, real_job = IncomingMessage.__init__, delivery._SideJob.__call__
-        in_job = []
+        real_make = delivery.make_spares
 
-        def full(message, md, unique):
-            if in_job and len(self.created) > 1:
-                raise OSError(28, "No space left on device")
-            real(message, md, unique)
+        def full(store, wanted, stale):
+            created, _ = real_make(store, wanted[:0], stale)
+            return created, OSError(28, "No space left on device")
 
-        def job(side_job):
-            in_job.append(True)
-            try:
-                real_job(side_job)
-            finally:
-                in_job.pop()
-
-        self.patch(IncomingMessage, "__init__", full)
-        self.patch(delivery._SideJob, "__call__", job)
+        self.patch(delivery, "make_spares", full)
         with capturedLogs() as events:
-            self.deliver("alice@example.org")  # its spare is made
-            self.deliver("alice@example.org")  # uses it; the next one fails
-            self.deliver("alice@example.org")  # no spare: a thread call; fails again
+            for _ in range(3):
+                self.commit(self.begin("alice@example.org"))
         errors = [formatEvent(e) for e in events if e["log_level"] == LogLevel.error]
         self.assertEqual(errors, ["cannot make spare message files: [Errno 28] No space left "
                                   "on device"])

@@ -14,10 +14,11 @@ import random
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from popgate import config
-from popgate.delivery import commit_group
+from popgate import config, smtp
+from popgate.delivery import commit_group, make_spares
 from popgate.limits import ConnectionLimiter
 from popgate.maildir import MaildirStore
 from popgate.smtp import SMTPFactory
@@ -123,14 +124,15 @@ class SMTPFixture:
         return config.load(None, settings)
 
     def make_factory(self, *, lmtp=False, implicit_tls=False, tls=None,
-                     run_in_thread=synchronous, limiter=None, config=None, **overrides):
+                     run_in_thread=synchronous, limiter=None, config=None, spares=0,
+                     **overrides):
         self.config = config or self.make_config(**overrides)
         self.store = MaildirStore(self.config.mail_root, HOSTNAME)
         self.limiter = limiter or ConnectionLimiter(100, 100)
         self.factory = SMTPFactory(
             config=self.config, users=UserDB(self.config.users_file), store=self.store,
             clock=self.clock, run_in_thread=run_in_thread, limiter=self.limiter, tls=tls,
-            lmtp=lmtp, implicit_tls=implicit_tls)
+            lmtp=lmtp, implicit_tls=implicit_tls, spares=spares)
         return self.factory
 
     def connect(self, host: str = "192.0.2.10") -> Client:
@@ -246,7 +248,7 @@ class GreetingTests(SMTPFixture, TestCase):
             (b"RSET\r\n", ["250 2.0.0"]),
             (b"RSET now\r\n", ["501 5.5.4"]),
             (b"HELP\r\n", ["214-2.0.0 Commands: EHLO HELO MAIL"]),
-            (b"EXPN staff\r\n", ["500 5.5.2"]),
+            (b"EXPN staff\r\n", ["502 5.5.1"]),  # RFC 5321 §4.2.4: known, not offered
             (b"\r\n", ["500 5.5.2"]),
         ])
 
@@ -403,6 +405,41 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.assertEqual(client.transport.producerState, "producing")
         self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
 
+    def test_with_spare_files_data_needs_no_thread_call(self):
+        """Files made ahead of time: 354 and the message need no thread call of their own,
+        and the 250 still waits for the commit."""
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads, spares=8)
+        client = self.connect()
+        replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE)
+        while threads.calls:  # the first message: its files, then alice's spares, the commit
+            threads.run_next()
+        self.assertReplies(replies + client.replies(),
+                           ["250-", "250", "250", "354", "250 2.0.0 Ok"])
+        spares = self.maildir_files("alice@example.org", "tmp")
+        self.assertEqual(len(spares), 2)
+        replies = client.send(MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
+        self.assertReplies(replies, ["250", "250", "354"])
+        # The message went into a spare and is being committed; the spare it took is
+        # being replaced.
+        self.assertEqual([f for _, f, _ in threads.calls], [make_spares, commit_group])
+        self.assertEqual(self.maildir_files("alice@example.org", "tmp"), spares)
+        threads.run_next()
+        self.assertEqual(len(self.maildir_files("alice@example.org", "tmp")), 3)
+        self.assertEqual(client.replies(), [])
+        threads.run_next()
+        self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as", "250 2.0.0 Ok"])
+        self.assertEqual(len(self.maildir_files("alice@example.org", "tmp")), 2)
+        [first, second] = self.take_mail("alice@example.org")
+        self.assertTrue(second.startswith(b"Return-Path: <sender@remote.example>\n"))
+        self.assertTrue(second.endswith(b"\n\nHello Alice.\n"))
+        self.assertEqual(first.split(b"\n", 3)[3].split(b";", 1)[0].split(b" id ")[0],
+                         second.split(b"\n", 3)[3].split(b";", 1)[0].split(b" id ")[0])
+        # When the listener stops, the spares go.
+        self.factory.doStart()
+        self.factory.doStop()
+        self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
+
     def test_message_data_waits_for_its_file_within_a_bound(self):
         threads = Deferring()
         self.make_factory(run_in_thread=threads)
@@ -492,6 +529,28 @@ class DeliveryTests(SMTPFixture, TestCase):
 
 
 class SequenceAndSyntaxTests(SMTPFixture, TestCase):
+    def test_expn_is_recognised_but_not_available(self):
+        self.assertTranscript([(EHLO, ["250-"]), (b"EXPN staff\r\n", ["502 5.5.1"])])
+
+    def test_help_lists_only_what_this_session_can_use(self):
+        client = self.connect()
+        [reply] = client.send(b"HELP\r\n")
+        self.assertIn("EXPN", reply)
+        self.assertNotIn("STARTTLS", reply)  # no certificate configured
+
+    def test_refusals_are_logged_once_per_client_and_code(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = self.connect()
+        client.send(EHLO + MAIL)
+        for _ in range(3):
+            client.send(b"RCPT TO:<nobody@example.org>\r\n")
+        refused = [formatEvent(e) for e in events if "refused:" in formatEvent(e)]
+        self.assertEqual(len(refused), 1, refused)
+        self.assertIn("192.0.2.10", refused[0])
+        self.assertIn("550 5.1.1", refused[0])
+
     def test_mail_needs_ehlo(self):
         self.assertTranscript([(MAIL, ["503 5.5.1"]), (EHLO, ["250-"]), (MAIL, ["250"])])
 
@@ -551,7 +610,7 @@ class SequenceAndSyntaxTests(SMTPFixture, TestCase):
     def test_a_failed_mail_leaves_no_parameters_behind(self):
         self.assertTranscript([
             (EHLO, ["250-"]),
-            (b"MAIL FROM:<bad@@address> BODY=BINARYMIME\r\n", ["501 5.1.7"]),
+            (b"MAIL FROM:<bad@@address> BODY=8BITMIME\r\n", ["501 5.1.7"]),
             (MAIL, ["250 2.1.0"]), (RCPT_ALICE, ["250"]), (b"DATA\r\n", ["354"]),
         ])
 
@@ -752,6 +811,36 @@ class DataSafetyTests(SMTPFixture, TestCase):
 
 
 class BDATTests(SMTPFixture, TestCase):
+    def test_a_refused_chunk_fails_the_transaction(self):
+        """RFC 3030 §2: after a failed chunk the later ones are discarded, never stored as
+        a truncated message (the files cannot be opened for the first chunk here)."""
+        calls = []
+
+        def fail_first(f, *args):
+            calls.append(f)
+            if len(calls) == 1:
+                return defer.fail(OSError(28, "No space left on device"))
+            return synchronous(f, *args)
+
+        self.make_factory(run_in_thread=fail_first)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE)
+        replies = client.send(b"BDAT 6\r\nPART1\nBDAT 7 LAST\r\nPART2\r\n")
+        self.assertReplies(replies, ["451 4.3.0", "503 5.5.1"])
+        self.assertEqual(self.take_mail("alice@example.org"), [])
+
+    def test_bdat_zero_last_pipelined_replies_stay_in_order(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE)
+        replies = client.send(b"BDAT 0 LAST\r\nMAIL FROM:<z@remote.example>\r\nNOOP\r\n")
+        while threads.calls:
+            self.assertEqual(replies, [], "nothing may be answered before the message")
+            threads.run_next()
+            replies += client.replies()
+        self.assertReplies(replies, ["250 2.0.0 Ok: queued as", "250 2.1.0", "250 2.0.0"])
+
     def test_chunks(self):
         self.assertTranscript([
             (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]),
@@ -774,11 +863,12 @@ class BDATTests(SMTPFixture, TestCase):
             (b"BDAT 0 LAST\r\n", ["250 2.0.0 Ok: queued"]),
         ])
 
-    def test_binarymime_needs_bdat(self):
+    def test_binarymime_is_refused(self):
+        # Maildir keeps LF line ends, so a binary body could not be stored unaltered.
         self.assertTranscript([
-            (EHLO, ["250-"]), (b"MAIL FROM:<a@remote.example> BODY=BINARYMIME\r\n", ["250"]),
-            (RCPT_ALICE, ["250"]), (b"DATA\r\n", ["503 5.5.1"]),
-            (b"BDAT 4 LAST\r\n\x00\r\x01\n", ["250 2.0.0 Ok: queued"]),
+            (EHLO, ["250-"]),
+            (b"MAIL FROM:<a@remote.example> BODY=BINARYMIME\r\n", ["555 5.5.4"]),
+            (b"MAIL FROM:<a@remote.example> BODY=8BITMIME\r\n", ["250"]),
         ])
 
     def test_no_data_after_bdat(self):
@@ -889,6 +979,12 @@ class LMTPTests(SMTPFixture, TestCase):
         self.assertIn("250-PIPELINING", reply)
         self.assertIn("250 CHUNKING", reply)
 
+    def test_data_without_recipients_is_a_sequence_error(self):
+        client = Client(self.factory)
+        client.send(b"LHLO client.example\r\n" + MAIL)
+        self.assertReplies(client.send(b"RCPT TO:<nobody@example.org>\r\nDATA\r\n"),
+                           ["550 5.1.1", "503 5.5.1"])  # RFC 2033 §4.2
+
     def test_lhlo_is_not_smtp(self):
         self.make_factory()
         self.assertReplies(self.connect().send(b"LHLO x\r\n"), ["500 5.5.2"])
@@ -927,6 +1023,18 @@ class LMTPTests(SMTPFixture, TestCase):
 
 
 class TimeoutTests(SMTPFixture, TestCase):
+    def test_a_peer_that_stops_reading_is_cut_after_the_grace_period(self):
+        client = self.connect()
+        client.transport.abortConnection = lambda: setattr(client, "aborted", True)
+        client.send(b"QUIT\r\n")
+        self.assertTrue(client.closed)
+        # The transport could not flush (the peer reads nothing): connectionLost is
+        # never called, so the session must end itself.
+        self.clock.advance(smtp.CLOSE_GRACE - 1)
+        self.assertFalse(getattr(client, "aborted", False))
+        self.clock.advance(1)
+        self.assertTrue(getattr(client, "aborted", False))
+
     def setUp(self):
         super().setUp()
         self.make_factory(smtp__command_timeout=300, smtp__data_timeout=180,
