@@ -30,26 +30,7 @@ from popgate.delivery import (
 )
 from popgate.maildir import MaildirStore
 from popgate.users import UserDB, UserFile, hash_password
-
-
-def synchronous(f, *args):
-    return defer.maybeDeferred(f, *args)
-
-
-class Deferring:
-    """A run_in_thread that records calls; the test runs and fires them."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_next(self):
-        d, f, args = self.calls.pop(0)
-        d.callback(f(*args))
+from tests.fakes import Deferring, synchronous
 
 
 class UsersFixture:

@@ -23,36 +23,12 @@ from popgate.limits import ConnectionLimiter
 from popgate.maildir import MaildirStore
 from popgate.smtp import SMTPFactory
 from popgate.users import UserDB, UserFile, hash_password
+from tests.fakes import Deferring, synchronous
 
 HOSTNAME = "mx.example.net"
 USERS = ("alice@example.org", "bob@example.org", "carol@example.net",
          "postmaster@example.net")
 
-
-def synchronous(f, *args):
-    """A run_in_thread stand-in that runs ``f`` at once."""
-    return defer.maybeDeferred(f, *args)
-
-
-class Deferring:
-    """A run_in_thread stand-in that holds each call until the test runs it."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, f, *args):
-        d = defer.Deferred()
-        self.calls.append((d, f, args))
-        return d
-
-    def run_next(self):
-        d, f, args = self.calls.pop(0)
-        try:
-            result = f(*args)
-        except Exception as e:  # handed to the Deferred, as a thread pool would
-            d.errback(e)
-        else:
-            d.callback(result)
 
 
 class TLSRecordingTransport(StringTransport):
