@@ -25,15 +25,16 @@
       \t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)
       \tfor <alice+tag@example.org>; Tue, 03 Mar 2026 10:00:00 +0100
 
-  The body is then written chunk by chunk to every file (at most one block of each file
-  in memory, see :class:`~popgate.maildir.IncomingMessage`; never N copies of the
-  message).  :meth:`Transaction.finish` makes the files durable: fsync, rename into
-  ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
+  The body is then written chunk by chunk to every file, through one buffer of at most
+  :data:`~popgate.maildir.WRITE_BUFFER` octets per message (shared by its copies: never
+  N copies of the message in memory).  :meth:`Transaction.finish` makes the files
+  durable: fsync, rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
 
-Concurrency: the reactor thread routes, and writes body chunks to the open files
-(buffered; a small message reaches the file only when it is committed).  Creating the
-files and making them durable (:class:`GroupCommitter`) block on the file system, so they
-run through the injected ``run_in_thread``.  Files are created ahead of time by a
+Concurrency: the reactor thread routes, writes body chunks to the open files (page-cache
+writes, one per 64 KiB and one at the end; a small message is written once, when it
+ends) and closes them once they are committed.  Creating the files and making them
+durable (:class:`GroupCommitter`) block on the file system, so they run through the
+injected ``run_in_thread``.  Files are created ahead of time by a
 :class:`SparePool` (one thread call at a time, making every spare wanted so far), so that
 :meth:`Deliverer.begin` normally needs no thread call; when a user has no spare left, the
 files of that message are created in a thread call of their own.  The pool threads only
@@ -302,12 +303,15 @@ class SparePool:
         self._refilling = False
         self._closed = False
         self._error_logged = False
+        self._swept: float | None = None
 
     def take(self, users: list[User]) -> list[IncomingMessage] | None:
         """One spare for each of ``users``, or None (none taken) if one has none."""
         if self._closed:
             return None
-        oldest = self._now() - self._max_age
+        now = self._now()
+        self._sweep(now)
+        oldest = now - self._max_age
         queues = []
         for user in users:
             queue = self._spares.get(user.name)
@@ -325,6 +329,23 @@ class SparePool:
                                                self._per_user)
             self._top_up(user)
         return taken
+
+    def _sweep(self, now: float) -> None:
+        """Every second: every user's old spares become stale (not just the next
+        recipient's), so that spares kept by users who get no more mail do not take the
+        room of the others."""
+        if self._swept is not None and now - self._swept < 1.0:
+            return
+        self._swept = now
+        oldest = now - self._max_age
+        for name, queue in list(self._spares.items()):
+            while queue and queue[0][0] < oldest:
+                self._stale.append(queue.popleft()[1])
+                self._count -= 1
+            if not queue:
+                del self._spares[name]
+        if len(self._targets) > 4 * self._limit:
+            self._targets.clear()  # forget old bursts: targets start from 1 again
 
     def _top_up(self, user: User) -> None:
         have = len(self._spares.get(user.name, ())) + self._pending.get(user.name, 0)
@@ -353,6 +374,8 @@ class SparePool:
             created, error = result
         for user, count in wanted:
             self._pending[user.name] -= count
+            if not self._pending[user.name]:
+                del self._pending[user.name]
             self._count -= count
         if error is not None and not self._error_logged:
             self._error_logged = True  # the deliveries that follow report their own errors
@@ -389,6 +412,8 @@ class Transaction:
         self._copies = copies
         self._committer = committer
         self._error: OSError | None = None
+        # Several copies share one buffer (one block in memory, not one per copy).
+        self._shared = bytearray() if len(copies) > 1 else None
 
     @property
     def users(self) -> list[User]:
@@ -403,12 +428,27 @@ class Transaction:
             return
         self.size += len(data)
         try:
-            for _, message in self._copies:
-                message.write(data)
+            if self._shared is None:
+                self._copies[0][1].write(data)
+                return
+            self._shared += data
+            if len(self._shared) >= maildir.WRITE_BUFFER:
+                self._spill()
         except OSError as e:
-            log.error("{id}: cannot write message: {error}", id=self.id, error=e)
-            self._error = e
-            self.abort()
+            self._failed(e)
+
+    def _spill(self) -> None:
+        """Hand the shared buffer to every copy's file."""
+        data = bytes(self._shared)
+        self._shared.clear()
+        for _, message in self._copies:
+            message.write(data)
+            message.flush()
+
+    def _failed(self, error: OSError) -> None:
+        log.error("{id}: cannot write message: {error}", id=self.id, error=error)
+        self._error = error
+        self.abort()
 
     def finish(self) -> defer.Deferred:
         """Make every copy durable; fires with None only once all of them are.
@@ -418,12 +458,12 @@ class Transaction:
         """
         if self._error is None:
             try:
+                if self._shared:
+                    self._spill()
                 for _, message in self._copies:
                     message.flush()
             except OSError as e:
-                log.error("{id}: cannot write message: {error}", id=self.id, error=e)
-                self._error = e
-                self.abort()
+                self._failed(e)
         if self._error is not None:
             return defer.fail(self._error)
         return self._committer.commit([message for _, message in self._copies])

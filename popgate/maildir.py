@@ -15,7 +15,9 @@ by reading them once per process.  The UIDL of a message is the unique part of i
 
 Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and the
 directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
-stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.
+stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.  (The SMTP
+side also keeps a few empty ``tmp/`` files made ahead of time, see
+:class:`popgate.delivery.SparePool`; left behind, they are stale files like any other.)
 
 Concurrency: any number of writers may deliver at once (unique names).  A POP3 session
 holds :class:`MailboxLock`, an ``flock`` on ``<Maildir>/popgate.lock``, which also excludes

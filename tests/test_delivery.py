@@ -205,6 +205,25 @@ class DelivererTests(UsersFixture, TestCase):
         crlf_octets = len(content) + content.count(b"\n")
         self.assertTrue(path.endswith(f",S={len(content)},W={crlf_octets}"), path)
 
+    def test_copies_share_one_buffer(self):
+        """A big message to several users: every copy gets every byte, and the bytes not
+        yet written wait in one buffer, not in one per copy."""
+        users = ("alice@example.org", "bob@example.org", "carol@example.net")
+        transaction = self.begin(self.envelope(*users))
+        line = b"x" * 99 + b"\n"
+        for _ in range(3000):  # 300 kB in 100-byte writes
+            transaction.write(line)
+            for _, message in transaction._copies:
+                self.assertLess(len(message._buffer), 1024)
+        self.successResultOf(transaction.finish())
+        for user in users:
+            path, content = self.read(user)
+            self.assertTrue(content.startswith(b"Return-Path: "))
+            self.assertTrue(content.endswith(line * 3000))
+            self.assertEqual(content.count(line), 3000)
+            crlf_octets = len(content) + content.count(b"\n")
+            self.assertTrue(path.endswith(f",S={len(content)},W={crlf_octets}"), path)
+
     def test_null_sender(self):
         transaction = self.begin(self.envelope("alice@example.org", sender=""))
         self.successResultOf(transaction.finish())
@@ -454,6 +473,17 @@ class SpareTests(UsersFixture, TestCase):
         self.commit(transaction)
         self.assertEqual(len(self.tmp()), 3)
         self.assertEqual(set(self.tmp()) & set(old), set())
+
+    def test_old_spares_of_a_quiet_user_make_room_for_others(self):
+        self.commit(self.begin("alice@example.org", "bob@example.org"))
+        self.commit(self.begin("alice@example.org", "bob@example.org"))  # the limit: 4
+        self.assertEqual(len(self.tmp()) + len(self.tmp("bob@example.org")), 4)
+        self.now += 61  # alice and bob get no more mail; carol does
+        self.commit(self.begin("carol@example.net"))  # the old ones are removed
+        self.assertEqual(self.tmp() + self.tmp("bob@example.org"), [])
+        self.assertEqual(len(self.tmp("carol@example.net")), 2)
+        d = self.deliverer.begin(self.envelope("carol@example.net"))
+        self.successResultOf(d)  # from a spare
 
     def test_close_removes_the_spares(self):
         self.commit(self.begin("alice@example.org"))

@@ -504,6 +504,25 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.assertIn("closed; 1 message(s) accepted, no TLS", lines[2])
 
 
+    def test_delivery_log_line_keeps_braces_and_fields(self):
+        """The line is formatted by popgate (cheaper for the observer): text that looks
+        like a format field is shown as sent, and the fields are still in the event."""
+        events = []
+        from twisted.logger import formatEvent, globalLogPublisher
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        client = self.connect()
+        client.send(EHLO + b"MAIL FROM:<{peer}{0}@remote.example>\r\n" + RCPT_ALICE
+                    + b"DATA\r\n" + MESSAGE)
+        [event] = [e for e in events if "delivered" in e.get("log_format", "")]
+        self.assertRegex(formatEvent(event), r"^\w{13}: delivered from "
+                                             r"<\{peer\}\{0\}@remote.example> to "
+                                             r"alice@example.org \(\d+ octets\) for "
+                                             r"192.0.2.10:40000$")
+        self.assertEqual(event["sender"], "{peer}{0}@remote.example")
+        self.assertEqual(event["rcpts"], "alice@example.org")
+        self.assertEqual(event["peer"], "192.0.2.10:40000")
+
 class SequenceAndSyntaxTests(SMTPFixture, TestCase):
     def test_expn_is_recognised_but_not_available(self):
         self.assertTranscript([(EHLO, ["250-"]), (b"EXPN staff\r\n", ["502 5.5.1"])])
