@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popgate.addresses import AddressError, normalise_user, split_user
+from popgate.maildir import fsync_directory
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 DEFAULT_SCHEME = "ARGON2ID"
@@ -285,11 +286,7 @@ class UserFile:
         except BaseException:
             os.unlink(tmp)
             raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(directory)
 
 
 def _check_storable(password_hash: str) -> None:

@@ -68,6 +68,20 @@ def unstuff(reply: bytes) -> bytes:
     return b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in lines)
 
 
+def holding_the_update():
+    """A run_in_thread that holds the UPDATE step (QUIT's deletions) until released."""
+    pending = []
+
+    def run_in_thread(f, *args):
+        if f.__name__ == "_apply_update":
+            d = defer.Deferred()
+            pending.append(lambda: d.callback(f(*args)))
+            return d
+        return run_now(f, *args)
+
+    return run_in_thread, pending
+
+
 class RecordingTransport(StringTransport):
     """A StringTransport that records startTLS, TCP_NODELAY and each write.
 
@@ -904,15 +918,7 @@ class TransactionTests(POP3TestCase):
         self.open_session()  # the lock was released
 
     def test_drop_during_update_finishes_the_deletions_then_unlocks(self):
-        pending = []
-
-        def run_in_thread(f, *args):
-            if f.__name__ == "_apply_update":
-                d = defer.Deferred()
-                pending.append(lambda: d.callback(f(*args)))
-                return d
-            return run_now(f, *args)
-
+        run_in_thread, pending = holding_the_update()
         self.session.command("QUIT")
         self.factory = self.make_factory(run_in_thread=run_in_thread)
         session = self.open_session()
@@ -927,15 +933,7 @@ class TransactionTests(POP3TestCase):
         self.assertIn(b"+OK Logged in", second.send(b"USER alice@example.org\r\nPASS pw\r\n"))
 
     def test_closing_reads_again_so_that_tls_can_finish(self):
-        pending = []
-
-        def run_in_thread(f, *args):
-            if f.__name__ == "_apply_update":
-                d = defer.Deferred()
-                pending.append(lambda: d.callback(f(*args)))
-                return d
-            return run_now(f, *args)
-
+        run_in_thread, pending = holding_the_update()
         self.session.command("QUIT")
         self.factory = self.make_factory(run_in_thread=run_in_thread)
         session = self.open_session()
