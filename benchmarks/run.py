@@ -49,11 +49,11 @@ MIB = 1024 * 1024
 class Params:
     """Workload sizes (full run defaults; see QUICK)."""
 
-    smtp_messages: int = 5000
-    smtp_conns: int = 20
+    smtp_messages: int = 2000
+    smtp_conns: str = "8,50"  # one SMTP run per connection count
     smtp_recipients: int = 8
     message_size: int = 4096
-    pop3_clients: int = 16
+    pop3_clients: int = 10
     pop3_messages: int = 1000
     bigbox_messages: int = 10000
     bigmsg_mib: float = 50.0
@@ -64,7 +64,7 @@ class Params:
     timeout_scale: float = 1.0
 
 
-QUICK = {"smtp_messages": 100, "smtp_conns": 4, "smtp_recipients": 4, "pop3_clients": 4,
+QUICK = {"smtp_messages": 100, "smtp_conns": "2,4", "smtp_recipients": 4, "pop3_clients": 4,
          "pop3_messages": 50, "bigbox_messages": 1000, "bigmsg_mib": 5.0,
          "idle_conns": 100, "login_seconds": 1.0}
 
@@ -108,11 +108,16 @@ def supported(server: Server, workload: str) -> bool:
 Factory = Callable[[ProcTree], Coroutine]
 
 
-def prep_smtp(server: Server, p: Params) -> Factory:
-    """Empty recipient Maildirs; the SMTP workload."""
+def smtp_conn_counts(p: Params) -> list[int]:
+    """The connection counts of the SMTP runs ("8,50" -> [8, 50])."""
+    return [int(n) for n in p.smtp_conns.split(",") if n.strip()]
+
+
+def prep_smtp(server: Server, p: Params, conns: int) -> Factory:
+    """Empty recipient Maildirs; the SMTP workload over `conns` connections."""
     users = workload_users("smtp", p)
     load = loadgen.SmtpLoad(
-        HOST, server.ports["smtp"], p.smtp_messages, p.smtp_conns,
+        HOST, server.ports["smtp"], p.smtp_messages, conns,
         [server.address(u) for u in users], [server.prepare_mailbox(u) for u in users],
         p.message_size, deliver_timeout=120 * p.timeout_scale)
     return lambda tree: loadgen.smtp_workload(load, tree)
@@ -161,7 +166,7 @@ def prep_idle(server: Server, p: Params, protocol: str) -> Factory:
     return lambda tree: loadgen.idle_workload(HOST, port, p.idle_conns, tree)
 
 
-PREPARE = {"smtp": prep_smtp, "pop3": prep_pop3, "bigbox": prep_bigbox,
+PREPARE = {"pop3": prep_pop3, "bigbox": prep_bigbox,
            "bigmsg": prep_bigmsg, "logins": prep_logins}
 
 
@@ -173,8 +178,15 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def runs_of(server: Server, workload: str) -> list[tuple[str, Callable[[Params], Factory]]]:
-    """(metric prefix, preparer) pairs: idle runs once per protocol."""
+Run = tuple[str, Callable[[Params], Factory]]
+
+
+def runs_of(server: Server, workload: str, p: Params) -> list[Run]:
+    """(metric prefix, preparer) pairs: idle runs once per protocol, SMTP once per
+    connection count."""
+    if workload == "smtp":
+        return [(f"smtp{n}", lambda p, n=n: prep_smtp(server, p, n))
+                for n in smtp_conn_counts(p)]
     if workload == "idle":
         return [(f"idle_{proto}", lambda p, proto=proto: prep_idle(server, p, proto))
                 for proto in server.protocols]
@@ -216,7 +228,7 @@ def bench_server(name: str, p: Params, workloads: list[str], options: Options,
         users = list(dict.fromkeys(u for w in todo for u in workload_users(w, p)))
         server.configure(users)
         for workload in todo:
-            for prefix, prepare in runs_of(server, workload):
+            for prefix, prepare in runs_of(server, workload, p):
                 run_workload(server, prefix, prepare, p, TIMEOUTS[workload], outcome)
     except ServerError as exc:
         outcome.errors["setup"] = str(exc)
@@ -257,12 +269,15 @@ def rows(p: Params) -> list[tuple[str, str, str]]:
     """(metric key, label, better) for the table, in display order."""
     big = f"{p.bigmsg_mib:g} MiB RETR"
     box = f"{p.bigbox_messages}-msg box STAT+UIDL"
+    smtp = [row for n in smtp_conn_counts(p) for row in [
+        (f"smtp{n}.accepted_per_s", f"SMTP accepted msgs/s, {n} conns", "higher"),
+        (f"smtp{n}.delivered_per_s", f"SMTP delivered msgs/s, {n} conns", "higher"),
+        (f"smtp{n}.data_p50_ms", f"SMTP DATA-end->250 p50 ms, {n} conns", "lower"),
+        (f"smtp{n}.data_p99_ms", f"SMTP DATA-end->250 p99 ms, {n} conns", "lower"),
+        (f"smtp{n}.cpu_ms_per_msg", f"SMTP server CPU ms/msg, {n} conns", "lower"),
+    ]]
     return [
-        ("smtp.accepted_per_s", "SMTP accepted msgs/s", "higher"),
-        ("smtp.delivered_per_s", "SMTP delivered msgs/s", "higher"),
-        ("smtp.data_p50_ms", "SMTP DATA-end->250 p50 ms", "lower"),
-        ("smtp.data_p99_ms", "SMTP DATA-end->250 p99 ms", "lower"),
-        ("smtp.cpu_ms_per_msg", "SMTP server CPU ms/msg", "lower"),
+        *smtp,
         ("pop3.retr_per_s", "POP3 RETR/s", "higher"),
         ("pop3.mb_per_s", "POP3 MB/s", "higher"),
         ("pop3.session_p50_ms", "POP3 session p50 ms", "lower"),

