@@ -23,6 +23,8 @@ import re
 
 _END_OF_DATA = b"\r\n.\r\n"
 _LINE_STARTING_WITH_DOT = re.compile(rb"\n\.")
+_STUFFED_DOT = re.compile(rb"\r\n\.")
+_CRLF = re.compile(rb"\r\n")
 
 
 def _held_back(buffer: bytes) -> int:
@@ -31,6 +33,17 @@ def _held_back(buffer: bytes) -> int:
         if _END_OF_DATA.startswith(buffer[-length:]):
             return length
     return 0
+
+
+def _to_lf(text: bytes, decoder: DataDecoder | ChunkDecoder) -> bytes:
+    """CRLF -> LF; a bare CR or LF is stored as LF and flagged on ``decoder``."""
+    text, line_ends = _CRLF.subn(b"\n", text)
+    if text.count(b"\n") != line_ends:  # an LF that was not part of a CRLF
+        decoder.bare_newline = True
+    if b"\r" in text:
+        decoder.bare_newline = True
+        text = text.replace(b"\r", b"\n")
+    return text
 
 
 class DataDecoder:
@@ -62,13 +75,7 @@ class DataDecoder:
         if not body:
             return b""
         # RFC 5321 §4.5.2: delete the first "." of every line that starts with one.
-        text = body.replace(b"\r\n.", b"\r\n")
-        if text.count(b"\n") != text.count(b"\r\n"):
-            self.bare_newline = True
-        text = text.replace(b"\r\n", b"\n")
-        if b"\r" in text:
-            self.bare_newline = True
-            text = text.replace(b"\r", b"\n")
+        text = _to_lf(_STUFFED_DOT.sub(b"\r\n", body), self)
         if self._first:
             self._first = False
             text = text[1:]  # the virtual CRLF of the DATA command
@@ -87,13 +94,7 @@ class ChunkDecoder:
         self._cr = b""
         if buffer.endswith(b"\r") and not last:
             buffer, self._cr = buffer[:-1], b"\r"
-        if buffer.count(b"\n") != buffer.count(b"\r\n"):
-            self.bare_newline = True
-        text = buffer.replace(b"\r\n", b"\n")
-        if b"\r" in text:
-            self.bare_newline = True
-            text = text.replace(b"\r", b"\n")
-        return text
+        return _to_lf(buffer, self)
 
 
 class DotEncoder:

@@ -5,8 +5,9 @@ File format (one user a line, Dovecot's ``passwd-file``)::
     alice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$...[:uid:gid:gecos:home:...]
 
 Fields after the password are kept verbatim when popgate rewrites the file; comments and
-blank lines are kept too.  Schemes: ``{ARGON2ID}`` (default, libsodium via PyNaCl, as in Dovecot), ``{BLF-CRYPT}``
-(bcrypt) and ``{PLAIN}`` / ``{CLEAR}`` (only useful for APOP labs; warned about).
+blank lines are kept too.  Schemes: ``{ARGON2ID}`` (default; libsodium through PyNaCl, as
+in Dovecot), ``{BLF-CRYPT}`` (bcrypt) and ``{PLAIN}`` / ``{CLEAR}`` (only useful for APOP
+labs; warned about).
 
 Concurrency: the server only reads.  :class:`UserDB` re-reads the file when its ``stat``
 identity changed, so ``popgate user add`` is seen by a running server without a restart.
