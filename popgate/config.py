@@ -69,6 +69,7 @@ class POP3Config:
     auth_timeout: float = 60.0
     idle_timeout: float = 600.0  # RFC 1939 §3: at least 10 minutes
     max_session_time: float = 7200.0
+    listing_cache: int = 50_000  # messages, all mailboxes (popgate.maildir.ListingBudget)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,16 @@ CRLF line ends, i.e. what POP3 sends; so STAT and LIST need one directory scan a
 by reading them once per process.  The UIDL of a message is the unique part of its name
 (before ``,`` and ``:``), so it survives ``new/`` -> ``cur/`` renames and restarts.
 
+Listings are cached per directory (:class:`_Listing`): a message's name never changes
+its content, so a name already parsed is not parsed again, and a directory whose stamp
+(device, inode, mtime, ctime) has not changed since a listing taken when that stamp was
+already :data:`SETTLED` seconds old is not even read again.  The age rule is what makes
+the stamp trustworthy: a change made after the listing gets an mtime of "now" (within
+the file system's timestamp granularity and, on NFS, the clock skew, both far below
+:data:`SETTLED`), which cannot equal a stamp that old.  A login to an unchanged
+10,000-message Maildir then costs two ``stat`` calls instead of a 50 ms scan.
+:class:`ListingBudget` caps the messages held in these caches over all Maildirs.
+
 Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and the
 directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
 stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.  (The SMTP
@@ -23,7 +33,8 @@ Concurrency: any number of writers may deliver at once (unique names).  A POP3 s
 holds :class:`MailboxLock`, an ``flock`` on ``<Maildir>/popgate.lock``, which also excludes
 other popgate processes sharing the mail root.  Every method here may block on the disk;
 the Twisted layer calls the slow ones (:func:`commit`, :meth:`Maildir.scan`,
-:meth:`Maildir.remove`) from a thread.
+:meth:`Maildir.remove`) from a thread.  Scans of one Maildir are serialised by its lock;
+scans of different Maildirs share only the :class:`ListingBudget`, which has its own lock.
 """
 
 from __future__ import annotations
@@ -33,14 +44,18 @@ import errno
 import fcntl
 import hashlib
 import itertools
+import operator
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 STALE_TMP_AGE = 36 * 3600  # the Maildir specification's 36 hours
+SETTLED = 2.0  # seconds: a directory stamp this old is trusted to change on any change
 LOCK_NAME = "popgate.lock"
 _UIDL = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 §7 unique-id
 _CRLF_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|\Z)")
@@ -65,7 +80,7 @@ class MailboxLocked(Exception):
     """Another session (in this process or another) holds the mailbox lock."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MessageInfo:
     """One message as listed by a scan."""
 
@@ -75,12 +90,30 @@ class MessageInfo:
     seen: bool  # in cur/ (a POP3 client has already retrieved it)
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """One of ``new/`` or ``cur/`` as last read: its stamp and its parsed entries."""
+
+    stamp: tuple[int, int, int, int] | None  # (st_dev, st_ino, st_mtime_ns, st_ctime_ns)
+    settled: bool  # the stamp was SETTLED seconds old when the directory was read
+    # (delivery-order key, info) in delivery order; the key ends with the file name.
+    ordered: list[tuple[tuple, MessageInfo]] = field(default_factory=list)
+
+
+_EMPTY = _Listing(None, False)
+_KEY = operator.itemgetter(0)
+
+
 class Maildir:
     """One user's Maildir directory."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, budget: ListingBudget | None = None,
+                 now: Callable[[], float] = time.time):
         self.path = path
-        self._foreign_sizes: dict[str, int] = {}
+        self._budget = budget
+        self._now = now
+        self._listings: dict[str, _Listing] = {}
+        self._merged: list[MessageInfo] | None = None  # the last scan of both listings
 
     def create(self) -> None:
         # makedirs gives its mode only to the leaf: create each level 0700 ourselves so
@@ -97,35 +130,64 @@ class Maildir:
         """List ``new/`` and ``cur/`` in delivery order, without opening any message.
 
         Runs once per POP3 login over every file name, so it is written for speed: one
-        ``scandir`` per directory (no ``stat``) and precompiled patterns per name.
+        ``scandir`` per changed directory (no ``stat`` per message), names parsed once
+        (see the module docstring on the listing cache).
         """
-        entries = []
-        for sub in ("new", "cur"):
-            directory = os.path.join(self.path, sub)
-            try:
-                with os.scandir(directory) as it:
-                    # is_file() uses the directory entry's type: no stat per message.
-                    names = [e.name for e in it
-                             if not e.name.startswith(".") and e.is_file()]
-            except FileNotFoundError:
-                continue
-            entries.extend((_order_key(n), sub, n) for n in names)
-        entries.sort()
-        known, self._foreign_sizes = self._foreign_sizes, {}  # forget vanished names
-        return [self._info(sub, name, known) for _, sub, name in entries]
+        previous = self._listings
+        listings = {sub: self._list(sub, previous.get(sub, _EMPTY)) for sub in ("new", "cur")}
+        if self._merged is not None and all(
+                listings[sub] is previous.get(sub) for sub in listings):
+            merged = self._merged  # neither directory was read again
+        else:
+            entries = listings["new"].ordered + listings["cur"].ordered
+            entries.sort(key=_KEY)  # two sorted runs: a linear merge
+            merged = [info for _, info in entries]
+        if self._budget is None or self._budget.hold(self, len(merged)):
+            self._listings, self._merged = listings, merged
+        else:
+            self.forget_listings()
+        return list(merged)
 
-    def _info(self, sub: str, name: str, known_sizes: dict[str, int]) -> MessageInfo:
+    def forget_listings(self) -> None:
+        """Drop the listing cache (the next scan reads and parses everything)."""
+        self._listings, self._merged = {}, None
+
+    def _list(self, sub: str, previous: _Listing) -> _Listing:
+        """``previous`` itself if the directory is known not to have changed, else a
+        fresh listing that reuses ``previous``'s parsed entries by name."""
+        directory = f"{self.path}/{sub}"
+        try:
+            st = os.stat(directory)
+        except FileNotFoundError:
+            return _EMPTY
+        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+        if previous.settled and previous.stamp == stamp:
+            return previous
+        settled = self._now() - max(st.st_mtime, st.st_ctime) >= SETTLED
+        try:
+            with os.scandir(directory) as it:
+                # is_file() uses the directory entry's type: no stat per message.
+                names = [e.name for e in it if not e.name.startswith(".") and e.is_file()]
+        except FileNotFoundError:
+            return _EMPTY
+        present = set(names)
+        ordered = [item for item in previous.ordered if item[0][-1] in present]
+        if len(ordered) < len(present):
+            known = {item[0][-1] for item in ordered}
+            fresh = [self._parse(sub, name) for name in names if name not in known]
+            fresh.sort(key=_KEY)
+            ordered += fresh
+            ordered.sort(key=_KEY)  # two sorted runs: a linear merge
+        return _Listing(stamp, settled, ordered)
+
+    def _parse(self, sub: str, name: str) -> tuple[tuple, MessageInfo]:
+        """(delivery-order key, info) for one directory entry."""
         path = f"{self.path}/{sub}/{name}"
         base = name.partition(":")[0]
         found = _CRLF_SIZE_FIELD.search(base)
-        if found:
-            size = int(found.group(1))
-        else:
-            size = known_sizes.get(name)
-            if size is None:
-                size = crlf_size(path)
-            self._foreign_sizes[name] = size
-        return MessageInfo(path, make_uidl(base.partition(",")[0]), size, sub == "cur")
+        size = int(found.group(1)) if found else crlf_size(path)
+        info = MessageInfo(path, make_uidl(base.partition(",")[0]), size, sub == "cur")
+        return _order_key(name), info
 
     def remove(self, messages: Iterable[MessageInfo]) -> None:
         """Unlink messages (already gone is fine) and make the removal durable."""
@@ -175,22 +237,55 @@ class MailboxLock:
             self._fd = None
 
 
+class ListingBudget:
+    """Caps the messages held in :class:`Maildir` listing caches, over all Maildirs.
+
+    Each scan reports its Maildir's size; when the total goes over ``limit``, the least
+    recently scanned Maildirs drop their caches.  A Maildir bigger than the whole budget
+    keeps none.  Thread-safe (scans run in a thread pool).
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._held: OrderedDict[Maildir, int] = OrderedDict()
+        self._total = 0
+
+    def hold(self, maildir: Maildir, count: int) -> bool:
+        """Record that ``maildir`` caches ``count`` messages; False: it must not."""
+        evicted = []
+        with self._lock:
+            self._total -= self._held.pop(maildir, 0)
+            if count > self._limit:
+                return False
+            self._held[maildir] = count
+            self._total += count
+            while self._total > self._limit:
+                oldest, held = self._held.popitem(last=False)
+                self._total -= held
+                evicted.append(oldest)
+        for oldest in evicted:
+            oldest.forget_listings()
+        return True
+
+
 class MaildirStore:
     """All Maildirs under one mail root, and the names of new messages."""
 
-    def __init__(self, root: str, hostname: str):
+    def __init__(self, root: str, hostname: str, listing_cache: int = 50_000):
         self.root = root
         # Maildir names must not contain '/' or ':' (cr.yp.to/proto/maildir.html).
         self._host = hostname.replace("/", "\\057").replace(":", "\\072") or "localhost"
         self._sequence = itertools.count(1)
         self._maildirs: dict[str, Maildir] = {}
+        self._budget = ListingBudget(listing_cache)
 
     def maildir(self, user) -> Maildir:
         """The Maildir of an existing :class:`~popgate.users.User` (created on first use)."""
         maildir = self._maildirs.get(user.name)
         if maildir is None:
             path = os.path.join(self.root, user.domain, user.local, "Maildir")
-            maildir = Maildir(path)
+            maildir = Maildir(path, self._budget)
             maildir.create()
             self._maildirs[user.name] = maildir
         return maildir

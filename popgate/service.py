@@ -189,7 +189,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     users = UserDB(config.users_file)
-    store = MaildirStore(config.mail_root, config.hostname)
+    store = MaildirStore(config.mail_root, config.hostname, config.pop3.listing_cache)
     run_in_thread = partial(_defer_to_reactor_pool, reactor)
     tls = _tls_creator(config, reactor)
     trusted = parse_networks(config.limits.trusted_networks)
