@@ -433,7 +433,7 @@ class POP3Server(protocol.Protocol):
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
         # One write for the whole reply (lines never start with "." here).
         self._errors = 0
-        self.transport.write(b"".join(line + b"\r\n" for line in [first, *lines, b"."]))
+        self.transport.write(b"\r\n".join([first, *lines, b".\r\n"]))
 
     def _internal_error(self) -> None:
         if self._stream is not None or self._closing:

@@ -82,6 +82,8 @@ class Mailbox:
         self.user = user
         self._maildir = maildir
         self._messages = list(messages)
+        self._total_octets = sum(info.octets for info in self._messages)
+        self._deleted_octets = 0  # kept up to date: STAT must not walk a huge maildrop
         self._deleted: set[int] = set()
         self._retrieved: set[int] = set()
         self._run_in_thread = run_in_thread
@@ -98,8 +100,8 @@ class Mailbox:
         return len(self._messages)
 
     def stat(self) -> tuple[int, int]:
-        listing = self.listing()
-        return len(listing), sum(info.octets for _, info in listing)
+        return (len(self._messages) - len(self._deleted),
+                self._total_octets - self._deleted_octets)
 
     def message(self, number: int) -> MessageInfo:
         if not 1 <= number <= len(self._messages):
@@ -109,15 +111,19 @@ class Mailbox:
         return self._messages[number - 1]
 
     def listing(self) -> list[tuple[int, MessageInfo]]:
+        if not self._deleted:
+            return list(enumerate(self._messages, 1))
         return [(number, info) for number, info in enumerate(self._messages, 1)
                 if number not in self._deleted]
 
     def delete(self, number: int) -> None:
-        self.message(number)
+        info = self.message(number)
         self._deleted.add(number)
+        self._deleted_octets += info.octets
 
     def undelete_all(self) -> None:
         self._deleted.clear()
+        self._deleted_octets = 0
 
     def retrieved(self, number: int) -> None:
         self.message(number)
