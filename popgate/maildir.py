@@ -142,9 +142,10 @@ class Maildir:
             entries = listings["new"].ordered + listings["cur"].ordered
             entries.sort(key=_KEY)  # two sorted runs: a linear merge
             merged = [info for _, info in entries]
-        if self._budget is None or self._budget.hold(self, len(merged)):
-            self._listings, self._merged = listings, merged
-        else:
+        # Cache first, then report: an eviction racing with this scan (from another
+        # Maildir's scan thread) can then only leave the budget counting too much.
+        self._listings, self._merged = listings, merged
+        if self._budget is not None and not self._budget.hold(self, len(merged)):
             self.forget_listings()
         return list(merged)
 
