@@ -241,6 +241,9 @@ def _validate(config: Config) -> Config:
     for key, value in _positive_numbers(config):
         if value <= 0:
             raise ConfigError(src, key, f"must be greater than zero, got {value}")
+    if pop3.listing_cache < 0:
+        raise ConfigError(src, "pop3.listing_cache",
+                          f"must be zero (no cache) or more, got {pop3.listing_cache}")
     if pop3.idle_timeout < 600:
         raise ConfigError(src, "pop3.idle_timeout",
                           "RFC 1939 §3 requires at least 600 seconds")
@@ -266,6 +269,8 @@ def _positive_numbers(config: Config):
         obj = getattr(config, section)
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            if f.name == "listing_cache":
+                continue  # 0 is allowed: no cache
             if isinstance(value, int | float) and not isinstance(value, bool):
                 yield f"{section}.{f.name}", value
 

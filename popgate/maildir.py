@@ -20,8 +20,10 @@ already :data:`SETTLED` seconds old is not even read again.  The age rule is wha
 the stamp trustworthy: a change made after the listing gets an mtime of "now" (within
 the file system's timestamp granularity and, on NFS, the clock skew, both far below
 :data:`SETTLED`), which cannot equal a stamp that old.  A login to an unchanged
-10,000-message Maildir then costs two ``stat`` calls instead of a 50 ms scan.
-:class:`ListingBudget` caps the messages held in these caches over all Maildirs.
+10,000-message Maildir then costs two ``open``/``fstat`` pairs instead of a 50 ms scan.
+:class:`ListingBudget` caps the messages held in these caches over all Maildirs; a
+Maildir that lost its cache is parsed again in full, which for names without ``W=``
+(files from other tools) means reading each file again to size it.
 
 Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and the
 directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
@@ -156,21 +158,23 @@ class Maildir:
     def _list(self, sub: str, previous: _Listing) -> _Listing:
         """``previous`` itself if the directory is known not to have changed, else a
         fresh listing that reuses ``previous``'s parsed entries by name."""
-        directory = f"{self.path}/{sub}"
         try:
-            st = os.stat(directory)
+            # open + fstat, not stat: opening revalidates an NFS client's cached
+            # attributes (close-to-open), a bare stat may answer from a minute-old cache.
+            fd = os.open(f"{self.path}/{sub}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except FileNotFoundError:
             return _EMPTY
-        stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        if previous.settled and previous.stamp == stamp:
-            return previous
-        settled = self._now() - max(st.st_mtime, st.st_ctime) >= SETTLED
         try:
-            with os.scandir(directory) as it:
+            st = os.fstat(fd)
+            stamp = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            if previous.settled and previous.stamp == stamp:
+                return previous
+            settled = self._now() - max(st.st_mtime, st.st_ctime) >= SETTLED
+            with os.scandir(fd) as it:
                 # is_file() uses the directory entry's type: no stat per message.
                 names = [e.name for e in it if not e.name.startswith(".") and e.is_file()]
-        except FileNotFoundError:
-            return _EMPTY
+        finally:
+            os.close(fd)
         present = set(names)
         ordered = [item for item in previous.ordered if item[0][-1] in present]
         if len(ordered) < len(present):

@@ -67,7 +67,10 @@ class UserError(Exception):
 _ARGON2_OPS = 3
 _ARGON2_MEM = 64 * 1024 * 1024
 # libsodium answers a malformed hash like a wrong password; this shape check lets the
-# operator hear about a damaged users file.  (PHC string format, version 19 only.)
+# operator hear about a damaged users file.  (PHC string format, version 19 only.)  It
+# also refuses hashes of 128 bytes or more, which libsodium cannot read (argon2-cffi
+# makes them with hash_len or salt_len raised well above their defaults).
+_ARGON2ID_MAX = 127
 _ARGON2ID_SHAPE = re.compile(
     rb"\$argon2id\$v=19\$m=[0-9]{1,10},t=[0-9]{1,10},p=[0-9]{1,3}"
     rb"\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}")
@@ -104,6 +107,10 @@ def verify_password(password: bytes, stored: str) -> bool:
         encoded = rest.encode("utf-8")
         if not _ARGON2ID_SHAPE.fullmatch(encoded):
             log.warn("malformed ARGON2ID hash in the user database")
+            return False
+        if len(encoded) > _ARGON2ID_MAX:
+            log.warn("an ARGON2ID hash in the user database is longer than libsodium's "
+                     "{limit} bytes; set that password again", limit=_ARGON2ID_MAX)
             return False
         try:
             return nacl.pwhash.argon2id.verify(encoded, password)

@@ -33,6 +33,7 @@ EXPECTED_ERRORS = {
                              "invalid local part '../root'",
     "bad-domain.toml": "server.domains: invalid domain 'exa mple.org'",
     "zero-limit.toml": "limits.max_sessions: must be greater than zero, got 0",
+    "negative-listing-cache.toml": "pop3.listing_cache: must be zero (no cache) or more, got -1",
     "bad-network.toml": "limits.trusted_networks: '10.0.0.0/33' does not appear to be",
     "tls-listen-without-certificate.toml": "tls.certificate: required by the tls_listen endpoints",
     "haproxy-without-trusted-proxies.toml": "limits.trusted_proxies: haproxy: endpoints need "

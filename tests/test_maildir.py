@@ -233,21 +233,24 @@ class ScanTests(StoreTestCase):
         for i in range(3):
             self.deliver(b"line\n" * i)
 
-        real_open, real_stat = builtins.open, os.stat
+        real_os_open = os.open
 
         def forbidden(*args, **kwargs):
-            raise AssertionError("scan opened a message")
+            raise AssertionError("scan opened a message with open()")
 
-        def stat_directories_only(path, *args, **kwargs):
+        def directories_only(path, *args, **kwargs):
             if os.path.basename(path) not in ("new", "cur"):
-                raise AssertionError(f"scan stat'ed a message: {path}")
-            return real_stat(path, *args, **kwargs)
+                raise AssertionError(f"scan opened a message: {path}")
+            return real_os_open(path, *args, **kwargs)
 
-        builtins.open, os.stat = forbidden, stat_directories_only
-        try:
-            infos = self.maildir.scan()
-        finally:
-            builtins.open, os.stat = real_open, real_stat
+        def no_stat(*args, **kwargs):
+            raise AssertionError("scan stat'ed a message")
+
+        self.patch(builtins, "open", forbidden)
+        self.patch(os, "open", directories_only)
+        self.patch(os, "stat", no_stat)
+        self.patch(os, "lstat", no_stat)
+        infos = self.maildir.scan()
         self.assertEqual([i.octets for i in infos], [0, 6, 12])
 
     def test_hidden_files_ignored(self):
@@ -361,6 +364,99 @@ class ForeignFileTests(StoreTestCase):
         self.assertEqual(opened, [])
         self.assertTrue(os.path.exists(path))
 
+class ListingCacheTests(StoreTestCase):
+    """A login to an unchanged big Maildir reads no directory (module docstring)."""
+
+    def setUp(self):
+        super().setUp()
+        self.reads = []
+        real_scandir = os.scandir
+
+        def counting_scandir(fd):
+            self.reads.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+            return real_scandir(fd)
+
+        self.patch(os, "scandir", counting_scandir)
+
+    def later(self, seconds: float) -> Maildir:
+        """The same Maildir as seen by a process whose clock says `seconds` from now."""
+        return Maildir(self.maildir.path, ListingBudget(100), now=lambda: time.time() + seconds)
+
+    def test_settled_unchanged_directories_not_read_again(self):
+        message = self.deliver(b"one\n")
+        maildir = self.later(SETTLED + 1)
+        self.assertEqual([i.path for i in maildir.scan()], [message.final_path])
+        self.assertEqual(sorted(self.reads), ["cur", "new"])
+        self.assertEqual([i.path for i in maildir.scan()], [message.final_path])
+        self.assertEqual(sorted(self.reads), ["cur", "new"])
+
+    def test_settled_directory_read_again_once_changed(self):
+        first = self.deliver(b"one\n")
+        maildir = self.later(SETTLED + 1)
+        maildir.scan()
+        second = self.deliver(b"two\n")  # changes new/'s mtime and ctime
+        self.assertEqual([i.path for i in maildir.scan()], [first.final_path, second.final_path])
+        self.assertEqual(sorted(self.reads), ["cur", "new", "new"])
+
+    def test_recent_directory_read_again_even_with_the_same_stamp(self):
+        """A directory changed less than SETTLED seconds ago may change again within its
+        timestamp granularity, keeping its stamp: it is read again on every scan."""
+        first = self.deliver(b"one\n")
+        maildir = self.later(0)
+        maildir.scan()
+        new_dir = os.path.join(self.maildir.path, "new")
+        frozen = os.stat(new_dir)
+        real_fstat = os.fstat
+
+        def fstat(fd):
+            found = real_fstat(fd)
+            return frozen if found.st_ino == frozen.st_ino else found
+
+        self.patch(os, "fstat", fstat)
+        second = self.deliver(b"two\n")  # the same tick: new/ keeps its stamp
+        self.assertEqual([i.path for i in maildir.scan()], [first.final_path, second.final_path])
+
+    def test_names_parsed_once(self):
+        """Messages listed before are not parsed (nor, for foreign names, read) again."""
+        self.put_foreign("1700000000.foreign.host", b"a\nb\n")
+        self.deliver(b"own\n")
+        maildir = self.later(0)
+        before = maildir.scan()
+        parsed = []
+        real_parse = Maildir._parse
+        self.patch(Maildir, "_parse", lambda m, sub, name: parsed.append(name)
+                   or real_parse(m, sub, name))
+        newest = self.deliver(b"newest\n")
+        after = maildir.scan()
+        self.assertEqual(parsed, [os.path.basename(newest.final_path)])
+        self.assertEqual(after[:2], before)
+
+    def test_budget_drops_the_least_recently_scanned(self):
+        budget = ListingBudget(limit=3)
+        bob = self.store.maildir(BOB)
+        self.deliver(b"a1\n")
+        self.deliver(b"a2\n")
+        self.deliver(b"b1\n", bob)
+        self.deliver(b"b2\n", bob)
+        alice = Maildir(self.maildir.path, budget, now=lambda: time.time() + SETTLED + 1)
+        bob = Maildir(bob.path, budget, now=lambda: time.time() + SETTLED + 1)
+        alice.scan()
+        bob.scan()  # 4 > 3: alice's cache goes
+        self.reads.clear()
+        self.assertEqual(len(bob.scan()), 2)
+        self.assertEqual(self.reads, [])
+        self.assertEqual(len(alice.scan()), 2)
+        self.assertEqual(sorted(self.reads), ["cur", "new"])
+
+    def test_maildir_bigger_than_the_budget_not_cached(self):
+        for n in range(3):
+            self.deliver(b"%d\n" % n)
+        maildir = Maildir(self.maildir.path, ListingBudget(limit=2),
+                          now=lambda: time.time() + SETTLED + 1)
+        for _ in range(2):
+            self.assertEqual(len(maildir.scan()), 3)
+        self.assertEqual(sorted(self.reads), ["cur", "cur", "new", "new"])
+
     def test_new_mail_seen_by_the_next_scan(self):
         first = self.deliver(b"one\n")
         self.assertEqual([i.path for i in self.maildir.scan()], [first.final_path])
@@ -399,6 +495,29 @@ class ForeignFileTests(StoreTestCase):
 
     def test_empty_unique_part_hashed(self):
         self.assertEqual(len(make_uidl("")), 40)
+
+    def test_budget_counts_a_maildir_once_however_often_scanned(self):
+        budget = ListingBudget(limit=3)
+        bob_path = self.store.maildir(BOB).path
+        self.deliver(b"a\n")
+        self.deliver(b"b\n", self.store.maildir(BOB))
+        alice = Maildir(self.maildir.path, budget, now=lambda: time.time() + SETTLED + 1)
+        bob = Maildir(bob_path, budget, now=lambda: time.time() + SETTLED + 1)
+        for _ in range(3):
+            alice.scan()
+        bob.scan()  # 1 + 1 <= 3: both stay cached
+        self.reads.clear()
+        alice.scan()
+        bob.scan()
+        self.assertEqual(self.reads, [])
+
+    def test_zero_budget_caches_nothing(self):
+        self.deliver(b"a\n")
+        maildir = Maildir(self.maildir.path, ListingBudget(limit=0),
+                          now=lambda: time.time() + SETTLED + 1)
+        maildir.scan()
+        maildir.scan()
+        self.assertEqual(sorted(self.reads), ["cur", "cur", "new", "new"])
 
 
 class RemoveTests(StoreTestCase):
@@ -596,93 +715,3 @@ class MessageInfoTests(unittest.TestCase):
         info = MessageInfo("p", "u", 1, False)
         self.assertRaises(AttributeError, setattr, info, "octets", 2)
         self.assertTrue(re.match(r"MessageInfo\(", repr(info)))
-
-
-class ListingCacheTests(StoreTestCase):
-    """A login to an unchanged big Maildir reads no directory (module docstring)."""
-
-    def setUp(self):
-        super().setUp()
-        self.reads = []
-        real_scandir = os.scandir
-
-        def counting_scandir(path):
-            self.reads.append(os.path.basename(path))
-            return real_scandir(path)
-
-        self.patch(os, "scandir", counting_scandir)
-
-    def later(self, seconds: float) -> Maildir:
-        """The same Maildir as seen by a process whose clock says `seconds` from now."""
-        return Maildir(self.maildir.path, ListingBudget(100), now=lambda: time.time() + seconds)
-
-    def test_settled_unchanged_directories_not_read_again(self):
-        message = self.deliver(b"one\n")
-        maildir = self.later(SETTLED + 1)
-        self.assertEqual([i.path for i in maildir.scan()], [message.final_path])
-        self.assertEqual(sorted(self.reads), ["cur", "new"])
-        self.assertEqual([i.path for i in maildir.scan()], [message.final_path])
-        self.assertEqual(sorted(self.reads), ["cur", "new"])
-
-    def test_settled_directory_read_again_once_changed(self):
-        first = self.deliver(b"one\n")
-        maildir = self.later(SETTLED + 1)
-        maildir.scan()
-        second = self.deliver(b"two\n")  # changes new/'s mtime and ctime
-        self.assertEqual([i.path for i in maildir.scan()], [first.final_path, second.final_path])
-        self.assertEqual(sorted(self.reads), ["cur", "new", "new"])
-
-    def test_recent_directory_read_again_even_with_the_same_stamp(self):
-        """A directory changed less than SETTLED seconds ago may change again within its
-        timestamp granularity, keeping its stamp: it is read again on every scan."""
-        first = self.deliver(b"one\n")
-        maildir = self.later(0)
-        maildir.scan()
-        new_dir = os.path.join(self.maildir.path, "new")
-        frozen = os.stat(new_dir)
-        real_stat = os.stat
-        self.patch(os, "stat",
-                   lambda p, *a, **k: frozen if p == new_dir else real_stat(p, *a, **k))
-        second = self.deliver(b"two\n")  # the same tick: new/ keeps its stamp
-        self.assertEqual([i.path for i in maildir.scan()], [first.final_path, second.final_path])
-
-    def test_names_parsed_once(self):
-        """Messages listed before are not parsed (nor, for foreign names, read) again."""
-        self.put_foreign("1700000000.foreign.host", b"a\nb\n")
-        self.deliver(b"own\n")
-        maildir = self.later(0)
-        before = maildir.scan()
-        parsed = []
-        real_parse = Maildir._parse
-        self.patch(Maildir, "_parse", lambda m, sub, name: parsed.append(name)
-                   or real_parse(m, sub, name))
-        newest = self.deliver(b"newest\n")
-        after = maildir.scan()
-        self.assertEqual(parsed, [os.path.basename(newest.final_path)])
-        self.assertEqual(after[:2], before)
-
-    def test_budget_drops_the_least_recently_scanned(self):
-        budget = ListingBudget(limit=3)
-        bob = self.store.maildir(BOB)
-        self.deliver(b"a1\n")
-        self.deliver(b"a2\n")
-        self.deliver(b"b1\n", bob)
-        self.deliver(b"b2\n", bob)
-        alice = Maildir(self.maildir.path, budget, now=lambda: time.time() + SETTLED + 1)
-        bob = Maildir(bob.path, budget, now=lambda: time.time() + SETTLED + 1)
-        alice.scan()
-        bob.scan()  # 4 > 3: alice's cache goes
-        self.reads.clear()
-        self.assertEqual(len(bob.scan()), 2)
-        self.assertEqual(self.reads, [])
-        self.assertEqual(len(alice.scan()), 2)
-        self.assertEqual(sorted(self.reads), ["cur", "new"])
-
-    def test_maildir_bigger_than_the_budget_not_cached(self):
-        for n in range(3):
-            self.deliver(b"%d\n" % n)
-        maildir = Maildir(self.maildir.path, ListingBudget(limit=2),
-                          now=lambda: time.time() + SETTLED + 1)
-        for _ in range(2):
-            self.assertEqual(len(maildir.scan()), 3)
-        self.assertEqual(sorted(self.reads), ["cur", "cur", "new", "new"])

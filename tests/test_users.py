@@ -52,6 +52,20 @@ class SchemeTests(unittest.TestCase):
         self.assertTrue(verify_password(b"correct horse", stored))
         self.assertFalse(verify_password(b"correct horsf", stored))
 
+    def test_argon2id_made_by_argon2_cffi_with_four_lanes(self):
+        """Hashes made elsewhere (argon2-cffi's default p=4, a Dovecot users file) verify."""
+        stored = ("{ARGON2ID}$argon2id$v=19$m=8192,t=1,p=4$wDfZkptTny11V+q1dAVqkg"
+                  "$tsi/6B67MGjhyLAH3ca5rCZMzuN8DynGOhuNOQPFujs")
+        self.assertTrue(verify_password(b"correct horse", stored))
+        self.assertFalse(verify_password(b"correct horsf", stored))
+
+    def test_argon2id_too_long_for_libsodium_is_refused_and_logged(self):
+        stored = ("{ARGON2ID}$argon2id$v=19$m=8192,t=1,p=1$fQmyZSAHX71wrcfOKGqRIA$uclW7IEA0Xz"
+                  "khFP2b/N5X4WxJvLM2BVBiFaVLRDzPRkoadJs2sOvceVwGsuWI2V9XMSbKNW1Y9EcN5KQ2eSEgg")
+        with capturedLogs() as events:
+            self.assertIs(verify_password(b"correct horse", stored), False)
+        self.assertTrue(any("set that password again" in w for w in logged_warnings(events)))
+
     def test_blf_crypt(self):
         self.patch(bcrypt, "gensalt", lambda: _real_gensalt(4))
         stored = hash_password("s3cret", "BLF-CRYPT")
