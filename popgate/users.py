@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import bcrypt
 import nacl.exceptions
+import nacl.pwhash
 import nacl.pwhash.argon2id
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
@@ -72,7 +73,7 @@ _ARGON2_MEM = 64 * 1024 * 1024
 # makes them with hash_len or salt_len raised well above their defaults).
 _ARGON2ID_MAX = 127
 _ARGON2ID_SHAPE = re.compile(
-    rb"\$argon2id\$v=19\$m=[0-9]{1,10},t=[0-9]{1,10},p=[0-9]{1,3}"
+    rb"\$argon2id?\$v=19\$m=[0-9]{1,10},t=[0-9]{1,10},p=[0-9]{1,3}"
     rb"\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{16,}")
 
 
@@ -113,7 +114,9 @@ def verify_password(password: bytes, stored: str) -> bool:
                      "{limit} bytes; set that password again", limit=_ARGON2ID_MAX)
             return False
         try:
-            return nacl.pwhash.argon2id.verify(encoded, password)
+            # nacl.pwhash.verify reads the variant from the hash: an older $argon2i$
+            # hash under {ARGON2ID} verifies too, as it does in Dovecot (libsodium).
+            return nacl.pwhash.verify(encoded, password)
         except nacl.exceptions.InvalidkeyError:
             return False
     if scheme == "BLF-CRYPT":

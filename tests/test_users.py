@@ -59,6 +59,12 @@ class SchemeTests(unittest.TestCase):
         self.assertTrue(verify_password(b"correct horse", stored))
         self.assertFalse(verify_password(b"correct horsf", stored))
 
+    def test_older_argon2i_variant_verifies(self):
+        stored = ("{ARGON2ID}$argon2i$v=19$m=8192,t=1,p=1$vtPQO+0XpqhMBN8aKpdGWg"
+                  "$VHkDfp3SAvumrbRU9oYSenPRejTbn9TRRhWXaCf4A0o")
+        self.assertTrue(verify_password(b"pw", stored))
+        self.assertFalse(verify_password(b"px", stored))
+
     def test_argon2id_too_long_for_libsodium_is_refused_and_logged(self):
         stored = ("{ARGON2ID}$argon2id$v=19$m=8192,t=1,p=1$fQmyZSAHX71wrcfOKGqRIA$uclW7IEA0Xz"
                   "khFP2b/N5X4WxJvLM2BVBiFaVLRDzPRkoadJs2sOvceVwGsuWI2V9XMSbKNW1Y9EcN5KQ2eSEgg")
