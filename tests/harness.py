@@ -20,7 +20,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 
-from popgate.users import UserFile, hash_password
+from popgate.maildir import Maildir, MaildirStore, commit
+from popgate.users import UserDB, UserFile, hash_password
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LISTENING = re.compile(
@@ -109,6 +110,18 @@ class Server:
     def maildir(self, user: str) -> str:
         local, _, domain = user.partition("@")
         return os.path.join(self.data_dir, "mail", domain, local, "Maildir")
+
+    def store(self, user: str, messages) -> Maildir:
+        """Put ``messages`` (LF-terminated bytes) straight into the user's Maildir, as a
+        delivery would; the Maildir, for a scan."""
+        users = UserDB(os.path.join(self.data_dir, "users"))
+        store = MaildirStore(os.path.join(self.data_dir, "mail"), "e2e.test")
+        maildir = store.maildir(users.get(user))
+        for body in messages:
+            message = store.new_message(maildir)
+            message.write(body)
+            commit([message])
+        return maildir
 
     def messages(self, user: str) -> list[str]:
         """Paths of the messages in the user's Maildir (new/ then cur/), sorted by name."""

@@ -27,8 +27,6 @@ import tempfile
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from popgate.maildir import MaildirStore, commit
-from popgate.users import UserDB
 from tests.certs import make_test_pki
 from tests.harness import read, require_tool, run_client, start_twistd, write_private
 
@@ -97,13 +95,7 @@ class POP3EndToEndTestCase(TestCase):
         return {}
 
     def deliver_all(self) -> None:
-        users = UserDB(os.path.join(self.server.data_dir, "users"))
-        store = MaildirStore(os.path.join(self.server.data_dir, "mail"), "e2e.test")
-        maildir = store.maildir(users.get(USER))
-        for body in MESSAGES:
-            message = store.new_message(maildir)
-            message.write(body)
-            commit([message])
+        maildir = self.server.store(USER, MESSAGES)
         self.uidls = [info.uidl for info in maildir.scan()]
         self.assertEqual(fingerprints([read(info.path) for info in maildir.scan()]),
                          fingerprints(MESSAGES))

@@ -39,8 +39,6 @@ from cryptography.hazmat.primitives import serialization
 from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import TestCase
 
-from popgate.maildir import MaildirStore, commit
-from popgate.users import UserDB
 from tests.certs import PKIPaths, make_test_pki
 from tests.harness import read, read_reply, require_tool, run_client, start_twistd, write_private
 
@@ -161,13 +159,7 @@ class TLSServerTestCase(TestCase):
         return make_test_pki(self.path(name), "localhost")
 
     def deliver(self, messages=MESSAGES) -> None:
-        users = UserDB(os.path.join(self.server.data_dir, "users"))
-        store = MaildirStore(os.path.join(self.server.data_dir, "mail"), "e2e.test")
-        maildir = store.maildir(users.get(USER))
-        for body in messages:
-            message = store.new_message(maildir)
-            message.write(body)
-            commit([message])
+        self.server.store(USER, messages)
         self.assertEqual(len(self.server.messages(USER)), len(messages))
 
 

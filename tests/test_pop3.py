@@ -918,11 +918,15 @@ class TransactionTests(POP3TestCase):
                          b"administrator\r\n")
         self.open_session()  # the lock was released
 
-    def test_drop_during_update_finishes_the_deletions_then_unlocks(self):
+    def session_holding_the_update(self):
+        """A fresh session whose UPDATE step (QUIT's deletions) waits until released."""
         run_in_thread, pending = holding_the_update()
         self.session.command("QUIT")
         self.factory = self.make_factory(run_in_thread=run_in_thread)
-        session = self.open_session()
+        return self.open_session(), pending
+
+    def test_drop_during_update_finishes_the_deletions_then_unlocks(self):
+        session, pending = self.session_holding_the_update()
         session.command("DELE 1")
         self.assertEqual(session.command("QUIT"), "")
         session.drop()
@@ -934,10 +938,7 @@ class TransactionTests(POP3TestCase):
         self.assertIn(b"+OK Logged in", second.send(b"USER alice@example.org\r\nPASS pw\r\n"))
 
     def test_closing_reads_again_so_that_tls_can_finish(self):
-        run_in_thread, pending = holding_the_update()
-        self.session.command("QUIT")
-        self.factory = self.make_factory(run_in_thread=run_in_thread)
-        session = self.open_session()
+        session, pending = self.session_holding_the_update()
         session.command("RETR 1")
         session.command("QUIT")
         self.assertEqual(session.transport.producerState, "paused")
