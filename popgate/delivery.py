@@ -510,40 +510,39 @@ class Deliverer:
         transaction_id = new_transaction_id()
         date = self._date()
         recipients = _users_and_first_address(envelope.recipients)
-        spares = self._spares.take([user for user, _ in recipients])
+        users = [user for user, _ in recipients]
+        spares = self._spares.take(users)
         if spares is not None:
-            copies = list(zip([user for user, _ in recipients], spares, strict=True))
-            for (user, address), message in zip(recipients, spares, strict=True):
-                message.write(trace_headers(envelope, user, address, self._hostname,
-                                            transaction_id, date))
-            self._spares.refill()
-            return defer.succeed(Transaction(transaction_id, envelope, copies,
-                                             self._committer))
-        d = self._run_in_thread(self._open_copies, envelope, recipients, transaction_id,
-                                date)
+            d = defer.succeed(list(zip(users, spares, strict=True)))
+        else:
+            d = self._run_in_thread(self._open_copies, users)
         self._spares.refill()
-        return d.addCallback(
-            lambda copies: Transaction(transaction_id, envelope, copies, self._committer))
+        return d.addCallback(self._start, envelope, recipients, transaction_id, date)
 
     def close(self) -> None:
         """Remove the spare files (blocking: for shutdown)."""
         self._spares.close()
 
-    def _open_copies(self, envelope: Envelope, recipients: list[tuple[User, str]],
-                     transaction_id: str, date: str) -> list[tuple[User, IncomingMessage]]:
-        """Runs in a pool thread: create the ``tmp/`` files and write the trace headers."""
+    def _open_copies(self, users: list[User]) -> list[tuple[User, IncomingMessage]]:
+        """Runs in a pool thread: one new ``tmp/`` file per user (none left on error)."""
         copies: list[tuple[User, IncomingMessage]] = []
         try:
-            for user, address in recipients:
-                message = self._store.new_message(self._store.maildir(user))
-                copies.append((user, message))
-                message.write(trace_headers(envelope, user, address, self._hostname,
-                                            transaction_id, date))
+            for user in users:
+                copies.append((user, self._store.new_message(self._store.maildir(user))))
         except OSError:
             for _, message in copies:
                 message.abort()
             raise
         return copies
+
+    def _start(self, copies: list[tuple[User, IncomingMessage]], envelope: Envelope,
+               recipients: list[tuple[User, str]], transaction_id: str,
+               date: str) -> Transaction:
+        """Each copy begins with its own trace headers (buffered, not yet written)."""
+        for (user, message), (_, address) in zip(copies, recipients, strict=True):
+            message.write(trace_headers(envelope, user, address, self._hostname,
+                                        transaction_id, date))
+        return Transaction(transaction_id, envelope, copies, self._committer)
 
 
 _random_ids: list[str] = []
