@@ -19,7 +19,7 @@ import sys
 from popgate import __version__
 from popgate import config as configuration
 from popgate.addresses import AddressError, normalise_user
-from popgate.users import (
+from popgate.auth.users import (
     DEFAULT_SCHEME,
     SCHEMES,
     UserDB,

@@ -69,7 +69,7 @@ class POP3Config:
     auth_timeout: float = 60.0
     idle_timeout: float = 600.0  # RFC 1939 §3: at least 10 minutes
     max_session_time: float = 7200.0
-    listing_cache: int = 50_000  # messages, all mailboxes (popgate.maildir.ListingBudget)
+    listing_cache: int = 50_000  # messages, all mailboxes (popgate.store.maildir.ListingBudget)
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,13 @@ class Config:
     # "alias@domain" or "@domain" (catch-all) -> local users
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = "<defaults>"
+    # The name this server gives itself (greetings, Received:, Maildir file names):
+    # server.hostname, or the machine's host name looked up once, when the Config is made.
+    hostname: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.hostname:
+            object.__setattr__(self, "hostname", self.server.hostname or socket.gethostname())
 
     @property
     def mail_root(self) -> str:
@@ -114,10 +121,6 @@ class Config:
     @property
     def users_file(self) -> str:
         return self.server.users_file or os.path.join(self.server.data_dir, "users")
-
-    @property
-    def hostname(self) -> str:
-        return self.server.hostname or socket.gethostname()
 
 
 _SECTIONS = {

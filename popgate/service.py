@@ -23,20 +23,16 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
+from popgate.auth.users import PasswordChecker, UserDB
 from popgate.config import Config
-from popgate.limits import (
-    AuthPenalty,
-    ChecksPerAddress,
-    ConnectionLimiter,
-    LogLimiter,
-    TrustedProxyFactory,
-    parse_networks,
-)
-from popgate.maildir import MaildirStore
-from popgate.pop3 import POP3Factory
-from popgate.realm import MailboxRealm
-from popgate.smtp import SMTPFactory
-from popgate.users import PasswordChecker, UserDB
+from popgate.limits import ConnectionLimiter, parse_networks
+from popgate.loglimit import LogLimiter
+from popgate.pop3.realm import MailboxRealm
+from popgate.pop3.server import POP3Factory
+from popgate.proxy import TrustedProxyFactory
+from popgate.smtp.server import SMTPFactory
+from popgate.store.maildir import MaildirStore
 
 log = Logger()
 

@@ -40,7 +40,6 @@ import itertools
 import os
 import re
 import secrets
-import tempfile
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -55,6 +54,8 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
+
+from popgate.fileio import write_atomically
 
 __all__ = [
     "MAX_PEM_FILE_SIZE",
@@ -438,8 +439,8 @@ def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 36
         serialization.NoEncryption(),
     )
     # Key first: a reloader that sees the new certificate finds its key ready.
-    _write_atomically(key_path, key_pem, 0o600)
-    _write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomically(key_path, key_pem, 0o600)
+    write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _subject_alt_names(hostname: str) -> list[x509.GeneralName]:
@@ -488,29 +489,3 @@ def _selfsigned_certificate(
         )
         .sign(key, hashes.SHA256())
     )
-
-
-def _write_atomically(path: str, data: bytes, mode: int) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    # mkstemp creates the file 0600, so a key is never readable by others,
-    # not even for a moment.
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".pem")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,8 +20,8 @@ from twisted.internet import defer, protocol, reactor
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SkipTest
 
-from popgate.maildir import Maildir, MaildirStore, commit
-from popgate.users import UserDB, UserFile, hash_password
+from popgate.auth.users import UserDB, UserFile, hash_password
+from popgate.store.maildir import Maildir, MaildirStore, commit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LISTENING = re.compile(

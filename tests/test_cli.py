@@ -8,7 +8,7 @@ import sys
 from twisted.trial.unittest import TestCase
 
 from popgate import cli
-from popgate.users import UserDB, verify_password
+from popgate.auth.users import UserDB, verify_password
 
 
 class CLITests(TestCase):

@@ -1,4 +1,4 @@
-"""Tests for popgate.delivery: routing decisions, trace headers, durable group commits.
+"""Tests for popgate.smtp.delivery: routing decisions, trace headers, durable group commits.
 
 Real Maildirs in trial temp directories; ``run_in_thread`` stand-ins either run the work
 at once or hand back Deferreds the test fires itself.
@@ -14,9 +14,11 @@ from twisted.internet import defer
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
-from popgate import config, delivery, maildir
+from popgate import config
 from popgate.addresses import parse_path
-from popgate.delivery import (
+from popgate.auth.users import UserDB, UserFile, hash_password
+from popgate.smtp import delivery
+from popgate.smtp.delivery import (
     RELAY_DENIED,
     UNKNOWN_USER,
     Deliverer,
@@ -28,8 +30,8 @@ from popgate.delivery import (
     fold,
     received_header,
 )
-from popgate.maildir import MaildirStore
-from popgate.users import UserDB, UserFile, hash_password
+from popgate.store import maildir
+from popgate.store.maildir import MaildirStore
 from tests.fakes import Deferring, synchronous
 
 

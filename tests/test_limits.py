@@ -1,18 +1,13 @@
-"""Tests for popgate.limits: connection caps, failed-login delays, log rate limiting."""
+"""Tests for the abuse brakes: connection caps (popgate.limits), failed-login delays
+(popgate.auth.penalty) and log rate limiting (popgate.loglimit)."""
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from popgate.limits import (
-    AuthPenalty,
-    ChecksPerAddress,
-    ConnectionLimiter,
-    LogLimiter,
-    in_networks,
-    is_loopback,
-    parse_networks,
-)
+from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
+from popgate.limits import ConnectionLimiter, in_networks, is_loopback, parse_networks
+from popgate.loglimit import LogLimiter
 
 
 class ConnectionLimiterTests(unittest.TestCase):

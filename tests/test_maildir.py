@@ -1,4 +1,4 @@
-"""Tests for popgate.maildir: delivery, listing, UIDLs, removal, locking, clean-up."""
+"""Tests for popgate.store.maildir: delivery, listing, UIDLs, removal, locking, clean-up."""
 
 import builtins
 import os
@@ -13,9 +13,10 @@ from types import SimpleNamespace
 
 from twisted.trial import unittest
 
-from popgate import maildir as maildir_module
+from popgate.auth.users import User
 from popgate.codec import DotEncoder
-from popgate.maildir import (
+from popgate.store import maildir as maildir_module
+from popgate.store.maildir import (
     LOCK_NAME,
     SETTLED,
     STALE_TMP_AGE,
@@ -28,7 +29,6 @@ from popgate.maildir import (
     crlf_size,
     make_uidl,
 )
-from popgate.users import User
 
 ALICE = User("alice@example.org", "{PLAIN}x")
 BOB = User("bob@example.net", "{PLAIN}y")

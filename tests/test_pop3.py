@@ -1,4 +1,4 @@
-"""Protocol-transcript tests for popgate.pop3 over StringTransport and a fake clock.
+"""Protocol-transcript tests for popgate.pop3.server over StringTransport and a fake clock.
 
 Every test drives a real POP3Server (built by POP3Factory) against a real Maildir in a
 temporary directory, a real user file, the real cred checker and the real realm; only the
@@ -23,11 +23,13 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from popgate import __version__, config, pop3
-from popgate.limits import CHECKS_PER_ADDRESS, AuthPenalty, ConnectionLimiter
-from popgate.maildir import Maildir, MaildirStore, commit
-from popgate.realm import MailboxRealm
-from popgate.users import PasswordChecker, UserDB, UserFile, hash_password
+from popgate import __version__, config
+from popgate.auth.penalty import CHECKS_PER_ADDRESS, AuthPenalty
+from popgate.auth.users import PasswordChecker, UserDB, UserFile, hash_password
+from popgate.limits import ConnectionLimiter
+from popgate.pop3 import server as pop3
+from popgate.pop3.realm import MailboxRealm
+from popgate.store.maildir import Maildir, MaildirStore, commit
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -1342,7 +1344,7 @@ class SessionLogTests(POP3TestCase):
         session = self.open_session()
         session.send(b"RETR 1\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
         session.drop()
-        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.pop3"]
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.pop3.server"]
         self.assertEqual(lines, [
             "POP3 connection from 127.0.0.1 (plaintext)",
             "POP3 session from 127.0.0.1 closed (quit): user=alice@example.org plaintext "

@@ -1,4 +1,4 @@
-"""Tests for popgate.realm: the locked maildrop snapshot behind a POP3 login."""
+"""Tests for popgate.pop3.realm: the locked maildrop snapshot behind a POP3 login."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from twisted.trial import unittest
 
-from popgate.maildir import MailboxLocked, MaildirStore, commit
-from popgate.realm import IMailbox, Mailbox, MailboxRealm, NoSuchMessage
-from popgate.users import UserDB, UserFile, hash_password
+from popgate.auth.users import UserDB, UserFile, hash_password
+from popgate.pop3.realm import IMailbox, Mailbox, MailboxRealm, NoSuchMessage
+from popgate.store.maildir import MailboxLocked, MaildirStore, commit
 
 
 def run_now(f, *args):

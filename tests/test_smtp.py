@@ -1,4 +1,4 @@
-"""Protocol-transcript tests for popgate.smtp: bytes in, replies and Maildir files out.
+"""Protocol-transcript tests for popgate.smtp.server: bytes in, replies and Maildir files out.
 
 Every session runs over a ``StringTransport`` with a ``MemoryReactorClock``, against real
 Maildirs in a trial temp directory.  Transcripts run twice: one command at a time, and
@@ -17,12 +17,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from popgate import config, smtp
-from popgate.delivery import commit_group, make_spares
+from popgate import config
+from popgate.auth.users import UserDB, UserFile, hash_password
 from popgate.limits import ConnectionLimiter
-from popgate.maildir import MaildirStore
-from popgate.smtp import SMTPFactory
-from popgate.users import UserDB, UserFile, hash_password
+from popgate.smtp import server as smtp
+from popgate.smtp.delivery import commit_group, make_spares
+from popgate.smtp.server import SMTPFactory
+from popgate.store.maildir import MaildirStore
 from tests.fakes import Deferring, synchronous
 
 HOSTNAME = "mx.example.net"
@@ -496,7 +497,7 @@ class DeliveryTests(SMTPFixture, TestCase):
         client.disconnect()
         from twisted.logger import formatEvent
         lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith(
-            "popgate.smtp")]
+            "popgate.smtp.server")]
         self.assertEqual(len(lines), 3, lines)
         self.assertIn("SMTP connection from 192.0.2.10:40000", lines[0])
         self.assertRegex(lines[1], r"delivered from <sender@remote.example> to "

@@ -1,4 +1,4 @@
-"""Tests for popgate.users: password schemes, the passwd-file, the cred checker."""
+"""Tests for popgate.auth.users: password schemes, the passwd-file, the cred checker."""
 
 import hashlib
 import os
@@ -12,9 +12,9 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from popgate import users
 from popgate.addresses import AddressError
-from popgate.users import (
+from popgate.auth import users
+from popgate.auth.users import (
     APOPCredentials,
     PasswordChecker,
     User,

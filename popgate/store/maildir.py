@@ -1,7 +1,7 @@
 """A Twisted-free Maildir store: durable delivery, cheap listings, a cross-process lock.
 
 Layout: ``<root>/<domain>/<local>/Maildir/{tmp,new,cur}``, built only from a
-:class:`~popgate.users.User` that exists, never from client input.
+:class:`~popgate.auth.users.User` that exists, never from client input.
 
 File names (https://cr.yp.to/proto/maildir.html plus Dovecot's size fields)::
 
@@ -29,7 +29,7 @@ Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and
 directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
 stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.  (The SMTP
 side also keeps a few empty ``tmp/`` files made ahead of time, see
-:class:`popgate.delivery.SparePool`; left behind, they are stale files like any other.)
+:class:`popgate.smtp.delivery.SparePool`; left behind, they are stale files like any other.)
 
 Concurrency: any number of writers may deliver at once (unique names).  A POP3 session
 holds :class:`MailboxLock`, an ``flock`` on ``<Maildir>/popgate.lock``, which also excludes
@@ -55,6 +55,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+from popgate.fileio import fsync_directory
 
 STALE_TMP_AGE = 36 * 3600  # the Maildir specification's 36 hours
 SETTLED = 2.0  # seconds: a directory stamp this old is trusted to change on any change
@@ -286,7 +288,7 @@ class MaildirStore:
         self._budget = ListingBudget(listing_cache)
 
     def maildir(self, user) -> Maildir:
-        """The Maildir of an existing :class:`~popgate.users.User` (created on first use)."""
+        """The Maildir of an existing :class:`~popgate.auth.users.User` (created on first use)."""
         maildir = self._maildirs.get(user.name)
         if maildir is None:
             path = os.path.join(self.root, user.domain, user.local, "Maildir")
@@ -452,14 +454,6 @@ def crlf_size(path: str) -> int:
                 total -= 1
             previous_cr = block.endswith(b"\r")
     return total
-
-
-def fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _order_key(name: str) -> tuple[int, int, int, str]:

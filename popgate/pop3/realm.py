@@ -3,7 +3,7 @@
 :class:`MailboxRealm` is the ``twisted.cred`` realm behind the POP3 portal.  For an
 authenticated user it takes the user's exclusive Maildir lock (a ``flock``, so a second
 session in this process or in another popgate process on the same mail root is refused
-with :class:`~popgate.maildir.MailboxLocked`), scans the Maildir once and hands back a
+with :class:`~popgate.store.maildir.MailboxLocked`), scans the Maildir once and hands back a
 :class:`Mailbox`: the maildrop snapshot of RFC 1939 §4.  Messages delivered after the
 scan are not seen until the next session.
 
@@ -27,8 +27,8 @@ from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
-from popgate.maildir import Maildir, MaildirStore, MessageInfo
-from popgate.users import UserDB
+from popgate.auth.users import UserDB
+from popgate.store.maildir import Maildir, MaildirStore, MessageInfo
 
 RunInThread = Callable[..., defer.Deferred]
 

@@ -26,9 +26,9 @@
       \tfor <alice+tag@example.org>; Tue, 03 Mar 2026 10:00:00 +0100
 
   The body is then written chunk by chunk to every file, through one buffer of at most
-  :data:`~popgate.maildir.WRITE_BUFFER` octets per message (shared by its copies: never
+  :data:`~popgate.store.maildir.WRITE_BUFFER` octets per message (shared by its copies: never
   N copies of the message in memory).  :meth:`Transaction.finish` makes the files
-  durable: fsync, rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.maildir`).
+  durable: fsync, rename into ``new/``, fsync of ``new/`` (see :mod:`popgate.store.maildir`).
 
 Concurrency: the reactor thread routes, writes body chunks to the open files (page-cache
 writes, one per 64 KiB and one at the end; a small message is written once, when it
@@ -39,7 +39,7 @@ injected ``run_in_thread``.  Files are created ahead of time by a
 :meth:`Deliverer.begin` normally needs no thread call; when a user has no spare left, the
 files of that message are created in a thread call of their own.  The pool threads only
 create directories and uniquely named files through
-:class:`~popgate.maildir.MaildirStore`, whose per-user cache tolerates concurrent first uses
+:class:`~popgate.store.maildir.MaildirStore`, whose per-user cache tolerates concurrent first uses
 (the same directories created twice, ``exist_ok``), and remove spares.  At most
 ``max_in_flight`` commits run at once; transactions that finish while all are busy are
 committed together in the next thread call, sharing the ``new/`` directory fsyncs (group
@@ -63,10 +63,10 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from popgate import maildir
 from popgate.addresses import Mailbox
-from popgate.maildir import IncomingMessage, MaildirStore
-from popgate.users import User, UserDB
+from popgate.auth.users import User, UserDB
+from popgate.store import maildir
+from popgate.store.maildir import IncomingMessage, MaildirStore
 
 log = Logger()
 
@@ -282,7 +282,7 @@ class SparePool:
     exist in all.  A spare unused for ``max_age`` seconds is removed (by the next thread
     call) rather than handed out: its name carries its creation time.  Spares left behind
     by a crash are empty ``tmp/`` files, which
-    :meth:`~popgate.maildir.MaildirStore.clean_tmp` removes in time.  Reactor thread only.
+    :meth:`~popgate.store.maildir.MaildirStore.clean_tmp` removes in time.  Reactor thread only.
     """
 
     def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred],

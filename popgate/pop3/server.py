@@ -19,8 +19,8 @@ sizes in STAT, LIST and the RETR ``+OK`` are the CRLF octets of the message as s
 before dot-stuffing, taken from the Maildir file name.
 
 Authentication goes through a ``twisted.cred`` portal (:class:`twisted.cred.portal.Portal`)
-with :class:`~popgate.realm.IMailbox` avatars; the realm takes the mailbox lock.  Login
-timing follows :class:`~popgate.limits.AuthPenalty` (reactor timers, never a blocked
+with :class:`~popgate.pop3.realm.IMailbox` avatars; the realm takes the mailbox lock.  Login
+timing follows :class:`~popgate.auth.penalty.AuthPenalty` (reactor timers, never a blocked
 thread): an attempt from an address with earlier failures first waits out the address's
 current delay, and only then is the password checked, so a guesser that hangs up early
 costs no hashing and learns nothing from how fast an answer comes; a failure is answered
@@ -62,11 +62,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popgate import __version__
+from popgate.auth.penalty import ChecksPerAddress
+from popgate.auth.users import APOPCredentials
 from popgate.codec import DotEncoder
-from popgate.limits import ChecksPerAddress, LogLimiter, is_loopback
-from popgate.maildir import MailboxLocked, MessageInfo
-from popgate.realm import IMailbox, NoSuchMessage
-from popgate.users import APOPCredentials
+from popgate.limits import is_loopback
+from popgate.loglimit import LogLimiter
+from popgate.pop3.realm import IMailbox, NoSuchMessage
+from popgate.store.maildir import MailboxLocked, MessageInfo
 
 MAX_COMMAND_LINE = 255  # octets including CRLF, RFC 2449 §4
 MAX_SASL_LINE = 2048  # a PLAIN response with a long name and a long password

@@ -9,7 +9,7 @@ AUTH: popgate's SMTP only accepts mail for its local users.
 Wire format: command lines end with CRLF (a bare LF is tolerated) and are at most 512
 octets (RFC 5321 §4.5.3.1.4); every reply carries an enhanced status code.  Message data
 is decoded by :mod:`popgate.codec` (only ``CRLF.CRLF`` ends DATA; only the declared length
-ends a BDAT chunk) and streamed to :mod:`popgate.delivery`, which stores it with LF line
+ends a BDAT chunk) and streamed to :mod:`popgate.smtp.delivery`, which stores it with LF line
 ends.
 
 The session is an explicit state machine.  ``_mode`` says how input bytes are read
@@ -30,7 +30,7 @@ discarded as it arrives; DATA and BDAT bytes go to disk as they arrive, counted 
 timeouts come from the injected clock (RFC 5321 §4.5.3.2).
 
 Concurrency: everything runs on the reactor thread; only fsync work goes to the thread
-pool (through :class:`popgate.delivery.Deliverer`).
+pool (through :class:`popgate.smtp.delivery.Deliverer`).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ from zope.interface import implementer
 
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import ChunkDecoder, DataDecoder
-from popgate.delivery import Deliverer, Envelope, Recipient, Refusal, Router
-from popgate.limits import LogLimiter
+from popgate.loglimit import LogLimiter
+from popgate.smtp.delivery import Deliverer, Envelope, Recipient, Refusal, Router
 from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4

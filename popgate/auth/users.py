@@ -29,7 +29,6 @@ import hmac
 import os
 import re
 import secrets
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from popgate.addresses import AddressError, normalise_user, split_user
-from popgate.maildir import fsync_directory
+from popgate.fileio import write_atomically
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 DEFAULT_SCHEME = "ARGON2ID"
@@ -296,19 +295,7 @@ class UserFile:
         return lines
 
     def _write_atomically(self, lines: list[str]) -> None:
-        directory = os.path.dirname(self.path) or "."
-        fd, tmp = tempfile.mkstemp(prefix=".users.", dir=directory)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-                f.flush()
-                os.fchmod(f.fileno(), 0o600)
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-        fsync_directory(directory)
+        write_atomically(self.path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 def _check_storable(password_hash: str) -> None:
