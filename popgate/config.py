@@ -45,6 +45,7 @@ class ServerConfig:
     users_file: str = ""  # "" = <data_dir>/users
     domains: tuple[str, ...] = ()  # extra local domains; every user's domain is local anyway
     postmaster: str = ""  # the user who receives postmaster@<every local domain>
+    drain_timeout: float = 5.0  # on SIGTERM: seconds for commits and UPDATEs in flight
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from popgate.auth.users import PasswordChecker, UserDB
 from popgate.config import Config
 from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
+from popgate.lineproto import SessionRegistry
 from popgate.loglimit import LogLimiter
 from popgate.observe.log import SessionLog
 from popgate.pop3.realm import MaildropRealm
@@ -155,6 +156,22 @@ class StorageService(Service):
             log.info("removed {n} stale tmp/ files", n=removed)
 
 
+class DrainService(Service):
+    """On stop (SIGTERM): drain every open session within ``timeout`` seconds; twistd
+    waits for the Deferred before it stops the reactor (see :mod:`popgate.lineproto`)."""
+
+    def __init__(self, sessions: SessionRegistry, timeout: float):
+        self.sessions = sessions
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        if len(self.sessions):
+            log.info("draining {n} session(s), at most {timeout} s", n=len(self.sessions),
+                     timeout=self.timeout)
+        return self.sessions.drain(self.timeout)
+
+
 class DelivererService(Service):
     """Owns the process's one :class:`Deliverer`: its spare files go when the server stops."""
 
@@ -216,12 +233,13 @@ def makeService(config: Config, reactor=None) -> MultiService:
 
     events = EventBus()
     SessionLog(reactor).subscribe(events)
+    sessions = SessionRegistry(reactor)
 
     deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
     DelivererService(deliverer).setServiceParent(top)
     smtp = partial(SMTPFactory, config=config, router=Router(config, users),
                    deliverer=deliverer, clock=reactor, limiter=_limiter(config, trusted),
-                   events=events, tls=tls)
+                   events=events, tls=tls, sessions=sessions)
     listen("SMTP", config.smtp.listen, smtp())
     listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
     listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
@@ -233,9 +251,13 @@ def makeService(config: Config, reactor=None) -> MultiService:
                           limits.penalty_window)
     authenticator = Authenticator(portal, penalty, ChecksPerAddress(), reactor)
     pop3 = partial(POP3Factory, config=config, authenticator=authenticator, clock=reactor,
-                   limiter=_limiter(config, trusted), events=events, tls=tls)
+                   limiter=_limiter(config, trusted), events=events, tls=tls,
+                   sessions=sessions)
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+    # Stopped before the listeners' services (a MultiService stops its children in
+    # reverse order, in one go): the drain starts as listening stops.
+    DrainService(sessions, config.server.drain_timeout).setServiceParent(top)
     ReadyService(reactor).setServiceParent(top)
     return top
 

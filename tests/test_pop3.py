@@ -1409,3 +1409,44 @@ class SessionEventTests(POP3TestCase):
         self.assertEqual((closed.data["retrieved"], closed.data["deleted"]), (1, 1))
         summaries = [e.data.get("summary") for e in self.recorder.of("reply")]
         self.assertIn("retrieved message 1: 20 octets as listed", summaries)
+
+
+class ShutdownDrainTests(POP3TestCase):
+    """SIGTERM: idle sessions get -ERR [SYS/TEMP]; an UPDATE in flight is answered first."""
+
+    def test_idle_sessions_are_told_and_nothing_is_deleted(self):
+        self.deliver(b"Subject: a\n\nbody\n")
+        logged_in = self.open_session()
+        logged_in.send(b"DELE 1\r\n")
+        greeted = self.connect()
+        greeted.take()
+        self.factory.sessions.drain(5)
+        for session in (logged_in, greeted):
+            self.assertEqual(session.take(),
+                             b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n")
+            self.assertTrue(session.closed)
+        logged_in.drop()
+        self.assertEqual(len(self.message_files()), 1, "no UPDATE without QUIT")
+
+    def test_an_update_in_flight_is_answered(self):
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        d = self.factory.sessions.drain(5)
+        self.assertEqual(session.take(), b"")
+        pending.pop()()
+        self.assertEqual(session.take(), b"+OK popgate signing off (1 message deleted)\r\n")
+        session.drop()
+        self.successResultOf(d)
+        self.assertEqual(self.message_files(), [])
+
+    def test_a_message_being_sent_is_finished_first(self):
+        self.deliver(b"Subject: big\n\n" + b"x" * 200_000 + b"\n")
+        session = self.open_session(socket_buffer=1000)
+        session.send(b"RETR 1\r\n")
+        self.factory.sessions.drain(5)
+        sent = session.drain()
+        self.assertTrue(sent.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] Server shutting down, "
+                                      b"try again later\r\n"), sent[-80:])
