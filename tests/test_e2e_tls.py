@@ -664,7 +664,7 @@ class SighupWithoutTLSTests(TestCase):
 
     @defer.inlineCallbacks
     def test_sighup_does_not_stop_a_server_without_tls(self):
-        # etc/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
+        # popgate/data/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
         # systemd does not restart a service that SIGHUP ended (Restart=on-failure).
         server = yield start_twistd(self, users=[(USER, PASSWORD)])
         os.kill(server.pid, signal.SIGHUP)
