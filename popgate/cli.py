@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a file the command had to write or read
         print(f"popgate: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 1
+    except EOFError:  # Ctrl-D at a prompt
+        print("popgate: no answer (end of input); nothing changed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

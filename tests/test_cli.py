@@ -179,7 +179,23 @@ class NoTerminalTests(TestCase):
                              "give --user NAME\n"))
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 class CLIOperationsTests(CLITests):
+    def test_init_end_of_input_at_the_prompt(self):
+        self.patch(sys, "stdin", _Terminal(""))
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(sys, "stdout", io.StringIO())
+        code = cli.main(["--data-dir", self.data, "--config", os.path.abspath(self.mktemp()),
+                         "init"])
+        self.assertEqual((code, err.getvalue()),
+                         (1, "popgate: no answer (end of input); nothing changed\n"))
+        self.assertFalse(os.path.exists(self.data))
+
     def write(self, name: str, text: str) -> str:
         path = os.path.abspath(self.mktemp() + name)
         with open(path, "w", encoding="utf-8") as f:
