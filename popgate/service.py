@@ -39,6 +39,23 @@ from popgate.store.maildir import MaildirStore
 log = Logger()
 
 
+class StartupFailed(SystemExit, Exception):
+    """Stop start-up with exit status 1; making one prints its one line on stderr.
+
+    A SystemExit, so that ``twistd -n`` ends without a traceback; an Exception too, so that
+    a daemonising twistd hands it to its parent, which waits for a word from the child
+    (and would wait for ever on one that died without it), prints it and exits with 1.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(1)
+        self.message = message
+        print(message, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 class AuthThreadPool(Service):
     """A small thread pool for password hashing, run at a lower CPU priority.
 
@@ -90,9 +107,9 @@ class ListenerService(Service):
             endpoint = serverFromString(self._reactor, self.description)
         except (KeyError, IndexError) as e:
             # systemd: endpoints look their socket up here, by name or index.
-            print(f"popgate: {self.label} cannot listen on {self.description}: systemd "
-                  f"passed no such socket ({e}); check the .socket units", file=sys.stderr)
-            raise SystemExit(1) from None
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"systemd passed no such socket ({e}); check the .socket "
+                                "units") from None
         self._failure = None
         self._starting = True
         endpoint.listen(self.factory).addCallbacks(self._listening, self._cannot_listen)
@@ -101,9 +118,8 @@ class ListenerService(Service):
             # Most endpoints fail at once (address in use, permission denied): say so in
             # one line and stop start-up with a non-zero exit status, no traceback.
             reason = self._failure.getErrorMessage()
-            print(f"popgate: {self.label} cannot listen on {self.description}: {reason}",
-                  file=sys.stderr)
-            raise SystemExit(1)
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"{reason}")
 
     def startService(self) -> None:
         if not self._listen_called:
@@ -155,8 +171,7 @@ class StartupChecks(Service):
         super().startService()
         problem = storage_problem(self.config)
         if problem:
-            print(f"popgate: {problem}", file=sys.stderr)
-            raise SystemExit(1)
+            raise StartupFailed(f"popgate: {problem}")
         log.info("{postmaster}", postmaster=describe_postmaster(self.config, self.users))
 
 

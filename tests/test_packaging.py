@@ -180,3 +180,27 @@ class TwistdStartupErrorTests(TestCase):
                          rf"popgate: SMTP cannot listen on tcp:{port}:interface=127.0.0.1: "
                          r".*Address already in use")
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_port_in_use_daemonised(self):
+        # Without -n, twistd's parent waits for its daemon child's word: it must get it
+        # (and exit 1), not wait for ever on a child that ended.
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        result = subprocess.run(
+            [twistd, "--pidfile", os.path.join(work, "twistd.pid"), "--logfile",
+             os.path.join(work, "twistd.log"), "popgate", "--data-dir",
+             os.path.join(work, "data"), "--smtp", f"tcp:{port}:interface=127.0.0.1",
+             "--pop3", "tcp:0:interface=127.0.0.1"],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+            timeout=60, cwd=work)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"An error has occurred: b'popgate.service.StartupFailed: popgate: "
+                      f"SMTP cannot listen on tcp:{port}", result.stderr)
+        self.assertIn(f"popgate: SMTP cannot listen on tcp:{port}:interface=127.0.0.1: ",
+                      read(os.path.join(work, "twistd.log")).decode())
