@@ -6,7 +6,8 @@ keys in it and keeps every comment.  :func:`initialise` writes, in this order: t
 directory (0700), a self-signed certificate in ``<data_dir>/tls/``, the first user, the
 configuration, and with ``systemd_dir`` the unit files (``popgate/data/systemd/``) with
 this installation's paths.  With ``owner`` the data directory is given to the user the
-server will run as.  It refuses to replace an existing configuration or unit file.
+server will run as.  It replaces nothing: an existing configuration, certificate, key,
+unit file or user stops it before it writes anything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from popgate import config as configuration
-from popgate.auth.users import UserFile
+from popgate.auth.users import UserDB, UserError, UserFile
 from popgate.config import ConfigError
 from popgate.tls import LOCAL_NAMES, make_selfsigned
 
@@ -120,12 +121,16 @@ def initialise(plan: Plan) -> None:
 
 
 def refuse_existing(plan: Plan) -> None:
-    paths = [plan.config_path]
+    """Raise ConfigError or UserError if ``plan`` would replace anything."""
+    paths = [plan.config_path, plan.certificate, plan.key]
     if plan.systemd_dir:
         paths += [os.path.join(plan.systemd_dir, name) for name in unit_files()]
     for path in paths:
         if os.path.exists(path):
             raise ConfigError(path, "", "exists already; popgate init replaces nothing")
+    users_file = os.path.join(plan.data_dir, "users")
+    if UserDB(users_file).get(plan.user) is not None:
+        raise UserError(f"user {plan.user} already exists in {users_file}")
 
 
 def _settings(plan: Plan) -> dict[str, object]:

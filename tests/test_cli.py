@@ -321,6 +321,14 @@ key = "{pki.key}"
                                     "other@example.org", "--password-stdin", stdin="pw\n")
         self.assertEqual((code, err), (1, f"popgate: {config_path}: exists already; popgate "
                                           "init replaces nothing\n"))
+        os.unlink(config_path)
+        certificate = read(loaded.tls.certificate)
+        code, _, err = self.run_cli("--config", config_path, "init", "--user",
+                                    "other@example.org", "--password-stdin", stdin="pw\n")
+        self.assertEqual((code, err), (1, f"popgate: {loaded.tls.certificate}: exists "
+                                          "already; popgate init replaces nothing\n"))
+        self.assertEqual(read(loaded.tls.certificate), certificate)
+        self.assertFalse(os.path.exists(config_path))
 
     def test_init_unknown_owner(self):
         code, _, err = self.run_cli("--config", os.path.abspath(self.mktemp()), "init",
