@@ -15,6 +15,7 @@ import io
 import os
 import poplib
 import pwd
+import re
 import signal
 import socket
 import ssl
@@ -207,6 +208,14 @@ class SystemdTests(TestCase):
                                 text=True, timeout=TIMEOUT)
         # verify exits 0 on unknown keys too, warning on stderr: nothing may be printed.
         self.assertEqual((result.returncode, result.stdout, result.stderr), (0, "", ""))
+        # systemd's own score of the hardening (0 best, 10 worst; "OK" is below 5).
+        result = subprocess.run([tool, "security", "--offline=yes", "popgate.service"],
+                                cwd=self.units, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        match = re.search(r"Overall exposure level for popgate.service: ([0-9.]+)",
+                          result.stdout)
+        self.assertTrue(match, result.stdout + result.stderr)
+        self.assertLessEqual(float(match.group(1)), 2.0, result.stdout)
         self.assertIn("systemctl enable --now popgate-smtp.socket popgate-submission.socket "
                       "popgate-smtps.socket popgate-pop3.socket popgate-pop3s.socket "
                       "popgate.service", self.init_output)
