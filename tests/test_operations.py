@@ -2,6 +2,8 @@
 
 - ``twistd --uid nobody`` over a data directory or users file owned by root stops with one
   line naming what to ``chown`` (exit status 1, no traceback), and starts once it is done.
+- Without ``server.postmaster``, ``postmaster@`` of every local domain reaches the first
+  user in the users file, whom the start-up log names (RFC 5321 §4.5.1).
 - SIGHUP re-reads the users file even when an edit kept its inode, size and mtime.
 - The shipped systemd units, as ``popgate init --systemd`` writes them for this
   installation, pass ``systemd-analyze verify``; the configuration it writes takes its
@@ -17,6 +19,7 @@ import poplib
 import pwd
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -124,6 +127,31 @@ class ServiceUserTests(TestCase):
         self.assertIsNone(code, out)
         self.assertIn("postmaster@<every local domain> goes to alice@example.org, the first "
                       "user in", out)
+
+
+class PostmasterTests(TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def test_postmaster_reaches_the_first_user_by_default(self):
+        # RFC 5321 §4.5.1, with no server.postmaster configured.
+        server = yield start_twistd(self, users=[("boss@example.org", "pw"),
+                                                 ("bob@example.net", "pw")],
+                                    settings={"server": {"domains": ["example.com"]}})
+        self.assertIn(b"postmaster@<every local domain> goes to boss@example.org, the first "
+                      b"user in ", server.log)
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", server.port("SMTP"), timeout=TIMEOUT) as client:
+                return client.sendmail("someone@remote.example",
+                                       ["postmaster@example.net", "PostMaster@example.com"],
+                                       b"Subject: hello postmaster\r\n\r\nHi.\r\n")
+        self.assertEqual((yield threads.deferToThread(send)), {})
+        self.assertEqual(len(server.messages("boss@example.org")), 1)
+        delivered = read(server.messages("boss@example.org")[0])
+        self.assertIn(b"Delivered-To: boss@example.org\n", delivered)
+        self.assertIn(b"for <postmaster@example.net>", delivered)  # one copy, both RCPTs
+        self.assertEqual(server.messages("bob@example.net"), [])
 
 
 class SighupTests(TestCase):
