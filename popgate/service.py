@@ -34,12 +34,30 @@ from popgate.loglimit import LogLimiter
 from popgate.observe.log import SessionLog
 from popgate.pop3.realm import MaildropRealm
 from popgate.pop3.server import POP3Factory
+from popgate.preflight import storage_problem
 from popgate.proxy import TrustedProxyFactory
-from popgate.smtp.delivery import Deliverer, Router
+from popgate.smtp.delivery import Deliverer, Router, describe_postmaster
 from popgate.smtp.server import SMTPFactory
 from popgate.store.maildir import MaildirStore
 
 log = Logger()
+
+
+class StartupFailed(SystemExit, Exception):
+    """Stop start-up with exit status 1; making one prints its one line on stderr.
+
+    A SystemExit, so that ``twistd -n`` ends without a traceback; an Exception too, so that
+    a daemonising twistd hands it to its parent, which waits for a word from the child
+    (and would wait for ever on one that died without it), prints it and exits with 1.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(1)
+        self.message = message
+        print(message, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class AuthThreadPool(Service):
@@ -89,7 +107,13 @@ class ListenerService(Service):
         # Before twistd drops privileges (--uid), so that ports below 1024 work.
         super().privilegedStartService()
         self._listen_called = True
-        endpoint = serverFromString(self._reactor, self.description)
+        try:
+            endpoint = serverFromString(self._reactor, self.description)
+        except (KeyError, IndexError) as e:
+            # systemd: endpoints look their socket up here, by name or index.
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"systemd passed no such socket ({e}); check the .socket "
+                                "units") from None
         self._failure = None
         self._starting = True
         endpoint.listen(self.factory).addCallbacks(self._listening, self._cannot_listen)
@@ -98,9 +122,8 @@ class ListenerService(Service):
             # Most endpoints fail at once (address in use, permission denied): say so in
             # one line and stop start-up with a non-zero exit status, no traceback.
             reason = self._failure.getErrorMessage()
-            print(f"popgate: {self.label} cannot listen on {self.description}: {reason}",
-                  file=sys.stderr)
-            raise SystemExit(1)
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"{reason}")
 
     def startService(self) -> None:
         if not self._listen_called:
@@ -138,6 +161,22 @@ class ReadyService(Service):
     def startService(self) -> None:
         super().startService()
         self._reactor.callWhenRunning(log.info, "popgate ready")
+
+
+class StartupChecks(Service):
+    """Before anything else starts, as the user the server runs as: stop with one line if
+    the storage is unusable (what to chown), else log who receives postmaster@."""
+
+    def __init__(self, config: Config, users: UserDB):
+        self.config = config
+        self.users = users
+
+    def startService(self) -> None:
+        super().startService()
+        problem = storage_problem(self.config)
+        if problem:
+            raise StartupFailed(f"popgate: {problem}")
+        log.info("{postmaster}", postmaster=describe_postmaster(self.config, self.users))
 
 
 class StorageService(Service):
@@ -184,16 +223,18 @@ class DelivererService(Service):
 
 
 class ReloadService(Service):
-    """SIGHUP (``systemctl reload``) re-reads the certificate, if there is one.
+    """SIGHUP (``systemctl reload``) re-reads the users file and the certificate, if any.
 
     The handler is installed with or without TLS: SIGHUP's default action would end the
-    process, and systemd does not restart a service that a signal ended cleanly.  The
-    certificate is also re-read by itself when its files change.
+    process, and systemd does not restart a service that a signal ended cleanly.  Both
+    are also re-read by themselves when their files change; SIGHUP also catches an edit
+    that kept the users file's inode, size and modification time.
     """
 
-    def __init__(self, reactor, tls):
+    def __init__(self, reactor, tls, users: UserDB):
         self._reactor = reactor
         self._tls = tls
+        self._users = users
         self._previous = None
 
     def startService(self) -> None:
@@ -202,8 +243,10 @@ class ReloadService(Service):
             signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._reload))
 
     def _reload(self) -> None:
+        log.info("SIGHUP: {n} users read from {path}", n=self._users.reload(),
+                 path=self._users.path)
         if self._tls is None:
-            log.info("SIGHUP: nothing to reload (no TLS certificate configured)")
+            log.info("SIGHUP: no TLS certificate to reload")
         else:
             self._tls.reload()
 
@@ -223,10 +266,11 @@ def makeService(config: Config, reactor=None) -> MultiService:
     trusted = parse_networks(config.limits.trusted_networks)
 
     top = MultiService()
+    StartupChecks(config, users).setServiceParent(top)
     StorageService(config, store).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
-    ReloadService(reactor, tls).setServiceParent(top)
+    ReloadService(reactor, tls, users).setServiceParent(top)
 
     listen = partial(_listen, top, reactor,
                      proxies=parse_networks(config.limits.trusted_proxies))

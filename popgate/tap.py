@@ -17,7 +17,8 @@ from popgate.service import makeService as _makeService
 class Options(usage.Options):
     synopsis = "[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR]"
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see etc/popgate.toml)."],
+        ["config", "c", None, "TOML configuration file; `popgate config example` prints a "
+                              "commented sample, `popgate init` writes one."],
         ["data-dir", "d", None, "Data directory (mail, users); default ./popgate-data."],
     ]
 

@@ -252,6 +252,25 @@ class OpenSSLClientTests(TLSServerTestCase):
             self.assertEqual(code, 0, out + err)
             self.assertIn(b"Protocol  : TLSv1.2", out, label)
 
+    @defer.inlineCallbacks
+    def test_tls_1_2_offers_only_forward_secret_aead_ciphers(self):
+        # Mozilla "intermediate": a CBC suite is refused in TLS 1.2 by the server (a
+        # handshake failure alert, not a client-side "no ciphers available"), an AEAD
+        # suite is accepted, and TLS 1.3 still works.
+        for label, starttls in [("SMTP", "smtp"), ("POP3S", None)]:
+            out, err, code = yield self.s_client(
+                label, starttls, b"QUIT\n", extra=["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"])
+            self.assertNotEqual(code, 0, label)
+            self.assertIn(b"alert handshake failure", err, label)
+            for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+                out, err, code = yield self.s_client(
+                    label, starttls, b"QUIT\n", extra=["-tls1_2", "-cipher", cipher])
+                self.assertEqual(code, 0, out + err)
+                self.assertIn(f"Cipher is {cipher}".encode(), out, label)
+            out, err, code = yield self.s_client(label, starttls, b"QUIT\n", extra=["-tls1_3"])
+            self.assertEqual(code, 0, out + err)
+            self.assertIn(b"Protocol  : TLSv1.3", out, label)
+
 
 # -- curl SMTP ------------------------------------------------------------------------
 
@@ -646,7 +665,7 @@ class SighupWithoutTLSTests(TestCase):
 
     @defer.inlineCallbacks
     def test_sighup_does_not_stop_a_server_without_tls(self):
-        # etc/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
+        # popgate/data/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
         # systemd does not restart a service that SIGHUP ended (Restart=on-failure).
         server = yield start_twistd(self, users=[(USER, PASSWORD)])
         os.kill(server.pid, signal.SIGHUP)
