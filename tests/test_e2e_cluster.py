@@ -331,6 +331,18 @@ class TwoNodesOnGlusterFSTests(TestCase):
             "limits": {"trusted_proxies": ["127.0.0.1/32"]},
         }
 
+    @defer.inlineCallbacks
+    def start_node(self, node: str, mount: str, **options):
+        """Start a node; once it ends, its log is kept in its directory (node.log)."""
+        server = yield start_twistd(self, self.node_settings(node, mount), **options)
+
+        def keep_log(result):
+            with open(os.path.join(server.directory, "node.log"), "wb") as f:
+                f.write(server.log)
+            return result
+        server.process.ended.addBoth(keep_log)
+        return server
+
     def states(self, **nodes: str) -> dict[str, str]:
         return {f"{backend}/node-{node}": state for node, state in nodes.items()
                 for backend in ("smtp_nodes", "pop3_nodes")}
@@ -360,9 +372,8 @@ class TwoNodesOnGlusterFSTests(TestCase):
     def test_two_nodes_behind_haproxy_on_one_volume(self):
         mount_a, mount_b = self.volume.mounts
         started = time.monotonic()
-        self.node_a = yield start_twistd(
-            self, self.node_settings("a", mount_a),
-            users=[(user, PASSWORD) for user in (*USERS, HANDOVER_USER)])
+        self.node_a = yield self.start_node(
+            "a", mount_a, users=[(user, PASSWORD) for user in (*USERS, HANDOVER_USER)])
         self.haproxy = yield start_haproxy(self, HAPROXY_CONFIG.format(**self.ports))
         yield self.haproxy.wait_for(self.states(a="UP", b="DOWN"))
 
@@ -400,8 +411,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
         self.assertTrue(any(size == 0 for size in before.values()),
                         f"A has no spare files in tmp/: {before}")
 
-        self.node_b = yield start_twistd(self, self.node_settings("b", mount_b),
-                                         namespace_host="node-b")
+        self.node_b = yield self.start_node("b", mount_b, namespace_host="node-b")
         yield self.haproxy.wait_for(self.states(a="UP", b="UP"))
         # A drained (its sessions continue), so that B alone delivers; A stays idle.
         yield self.haproxy.command("disable server smtp_nodes/node-a")
