@@ -417,6 +417,19 @@ def _remove_line(path: str, line: str) -> None:
             f.writelines(lines)
 
 
+GLUSTERD_PORT = 24007  # where bricks and clients find glusterd: not configurable for them
+
+
+def _require_free_port(port: int, reason: str) -> None:
+    with socket.socket() as sock:
+        # As a server binds: connections of a previous run in TIME_WAIT do not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise AssertionError(f"port {port}: {e.strerror}: {reason}") from None
+
+
 _GLUSTERD_VOL = """\
 volume management
     type mgmt/glusterd
@@ -452,14 +465,16 @@ def start_gluster_volume(testcase, mounts: int = 2, volume_options: dict | None 
     stop glusterd, remove its state).
 
     glusterd keeps its state, sockets and logs in the test's directory and listens on
-    127.0.0.1 only; its port is GlusterFS's fixed management port, 24007 (a brick finds
-    glusterd there, whatever glusterd.vol says).
+    127.0.0.1 only, on GlusterFS's fixed management port (:data:`GLUSTERD_PORT`: a brick
+    finds glusterd there, whatever glusterd.vol says).
     """
     require_fuse_mounts()
     glusterd = require_tool("glusterd")
     cli = [require_tool("gluster")]
     require_tool("mount.glusterfs")
     host = loopback_host_name(testcase)
+    _require_free_port(GLUSTERD_PORT, "a glusterd is running already; this test starts its "
+                                      "own (stop the other: systemctl stop glusterd)")
     directory = os.path.abspath(testcase.mktemp())
     paths = {part: os.path.join(directory, part) for part in ("state", "logs", "brick")}
     for path in paths.values():

@@ -70,6 +70,7 @@ HAPROXY_CONFIG = """\
 defaults
     mode tcp
     timeout connect 2s
+    timeout check 2s
     timeout client 10m
     timeout server 10m
     retries 3
@@ -189,6 +190,7 @@ class Session:
     started: float
     outcome: str  # ok, refused (no greeting), broken (cut after it), in-use, rejected
     node: str = ""  # the node that greeted (SMTP banners name it)
+    error: str = ""  # why it was refused or broken
 
 
 def connect_smtp(port: int) -> tuple[smtplib.SMTP, str]:
@@ -207,8 +209,8 @@ def send_one(port: int, ledger: Ledger, recipient: str, rng: random.Random,
     started = time.monotonic()
     try:
         client, node = connect_smtp(port)
-    except (OSError, smtplib.SMTPException):
-        return Session("smtp", started, "refused")
+    except (OSError, smtplib.SMTPException) as e:
+        return Session("smtp", started, "refused", error=repr(e))
     token, message, digest = ledger.new_message(recipient, size or rng.randint(200, 30_000),
                                                 rng)
     try:
@@ -217,10 +219,10 @@ def send_one(port: int, ledger: Ledger, recipient: str, rng: random.Random,
         ledger.refused.add(token)
         client.close()
         return Session("smtp", started, "rejected", node)
-    except (OSError, smtplib.SMTPException):
+    except (OSError, smtplib.SMTPException) as e:
         ledger.unanswered.add(token)
         client.close()
-        return Session("smtp", started, "broken", node)
+        return Session("smtp", started, "broken", node, repr(e))
     ledger.acknowledged[token] = digest
     with contextlib.suppress(OSError, smtplib.SMTPException):
         client.quit()
@@ -233,8 +235,8 @@ def read_some(port: int, user: str, ledger: Ledger, mismatches: list[str]) -> Se
     started = time.monotonic()
     try:
         client = poplib.POP3("127.0.0.1", port, timeout=TIMEOUT)
-    except OSError:
-        return Session("pop3", started, "refused")
+    except (OSError, poplib.error_proto) as e:  # error_proto: "-ERR EOF", closed at once
+        return Session("pop3", started, "refused", error=repr(e))
     try:
         client.user(user)
         client.pass_(PASSWORD)
@@ -247,10 +249,10 @@ def read_some(port: int, user: str, ledger: Ledger, mismatches: list[str]) -> Se
     except poplib.error_proto as e:  # a server's answer (bytes), or poplib's "-ERR EOF"
         client.close()
         in_use = isinstance(e.args[0], bytes) and e.args[0].startswith(b"-ERR [IN-USE]")
-        return Session("pop3", started, "in-use" if in_use else "broken")
-    except OSError:
+        return Session("pop3", started, "in-use" if in_use else "broken", error=repr(e))
+    except OSError as e:
         client.close()
-        return Session("pop3", started, "broken")
+        return Session("pop3", started, "broken", error=repr(e))
     return Session("pop3", started, "ok")
 
 
@@ -441,6 +443,9 @@ class TwoNodesOnGlusterFSTests(TestCase):
         for holder, other in (ports, ports[::-1]):
             refusal = yield threads.deferToThread(self.refused_while_held, holder, other)
             self.assertTrue(refusal.startswith(b"-ERR [IN-USE]"), refusal)
+        # A client that has QUIT's answer may log in through the other node at once.
+        refusals = yield threads.deferToThread(self.handovers, ports, 40)
+        self.assertEqual(refusals, [])
         # Once B's listing is settled (popgate trusts a directory stamp 2 s old), a
         # deletion through A must be seen by B's next session at once.
         yield deferred_sleep(2.1)
@@ -458,6 +463,17 @@ class TwoNodesOnGlusterFSTests(TestCase):
             return e.args[0]
         finally:
             held.quit()
+
+    def handovers(self, ports: tuple[int, int], count: int) -> list[bytes]:
+        """``count`` sessions, alternately on each node, each started as soon as the
+        previous one's QUIT is answered; the refusals they met."""
+        refusals = []
+        for number in range(count):
+            try:
+                pop3_on(ports[number % 2], HANDOVER_USER).quit()
+            except poplib.error_proto as e:
+                refusals.append(e.args[0])
+        return refusals
 
     def delete_through_a(self):
         on_b = pop3_on(self.ports["b_pop3"], HANDOVER_USER)
@@ -479,17 +495,22 @@ class TwoNodesOnGlusterFSTests(TestCase):
         sessions: list[Session] = []
         mismatches: list[str] = []
 
+        def record(session: Session) -> None:
+            sessions.append(session)
+            if session.outcome == "refused":
+                time.sleep(0.05)  # as a client would wait before it tries again
+
         def sender(seed: int):
             rng = random.Random(seed)
             for number in itertools.count(seed):
                 if stop.is_set():
                     return
-                sessions.append(send_one(self.ports["smtp"], self.ledger,
-                                         USERS[number % len(USERS)], rng))
+                record(send_one(self.ports["smtp"], self.ledger, USERS[number % len(USERS)],
+                                rng))
 
         def reader(user: str):
             while not stop.is_set():
-                sessions.append(read_some(self.ports["pop3"], user, self.ledger, mismatches))
+                record(read_some(self.ports["pop3"], user, self.ledger, mismatches))
 
         workers = [threads.deferToThread(sender, seed) for seed in range(4)]
         workers += [threads.deferToThread(reader, user) for user in USERS[:2]]
@@ -503,17 +524,22 @@ class TwoNodesOnGlusterFSTests(TestCase):
         stop.set()
         yield defer.gatherResults(workers, consumeErrors=True)
 
-        after_kill = [s for s in sessions if s.started >= killed]
-        after_down = [s for s in sessions if s.started >= down]
-        outcomes = {}
+        outcomes: dict[tuple[str, str, str], int] = {}
         for s in sessions:
-            key = (s.kind, "after kill" if s.started >= killed else "before kill", s.outcome)
-            outcomes[key] = outcomes.get(key, 0) + 1
-        log.info("kill -9 of node A: HAProxy marked it down after {detect:.2f} s; "
-                 "sessions: {outcomes}; refused while A was down: {refused}",
+            window = ("before the kill" if s.started < killed else
+                      "until A was marked down" if s.started < down else "after")
+            outcomes[s.kind, window, s.outcome] = outcomes.get((s.kind, window, s.outcome), 0) + 1
+        log.info("kill -9 of node A: HAProxy marked it down after {detect:.2f} s; sessions "
+                 "(kind, started, outcome): {outcomes}; refused from the kill on: {refused}",
                  detect=down - killed, outcomes=outcomes,
-                 refused=sum(1 for s in after_kill if s.outcome == "refused"))
+                 refused=sum(1 for s in sessions if s.started >= killed
+                             and s.outcome == "refused"))
+        after_down = [s for s in sessions if s.started >= down]
+        log.info("sessions refused or broken: {errors}",
+                 errors=sorted({(s.kind, s.outcome, s.error) for s in sessions if s.error}))
         self.assertEqual(mismatches, [], "POP3 returned messages unlike those acknowledged")
+        # Each reader is its user's only client: its next session never finds the lock.
+        self.assertNotIn(("pop3", "before the kill", "in-use"), outcomes)
         self.assertEqual({s.outcome for s in after_down}, {"ok"}, outcomes)
         self.assertEqual({s.node for s in after_down if s.kind == "smtp"}, {"node-b.mx.test"})
         self.assertGreater(sum(1 for s in after_down if s.kind == "pop3"), 0)
