@@ -14,8 +14,9 @@ glusterd's port is fixed, so two at once could not run):
 1. B starts while A has sessions in the middle of DATA and spare files in ``tmp/``, and
    delivers with A drained: none of A's ``tmp/`` files vanishes, A's messages then land.
 2. Deliveries through HAProxy, spread over both nodes.
-3. A POP3 session on one node holds ``-ERR [IN-USE]`` against the other; a deletion made
-   through one node is seen at once by the other (no stale listing).
+3. A POP3 session on one node holds ``-ERR [IN-USE]`` against the other; a session can
+   start on one node as soon as QUIT is answered on the other; a deletion made through
+   one node is seen at once by the other (no stale listing).
 4. SMTP and POP3 load through HAProxy; A gets ``kill -9``; new sessions go to B.
 
 Every message a ``250`` acknowledged is in a ledger (token and body hash); at the end
