@@ -346,7 +346,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
         server.process.ended.addBoth(keep_log)
         return server
 
-    def states(self, **nodes: str) -> dict[str, str]:
+    def expected_states(self, **nodes: str) -> dict[str, str]:
         return {f"{backend}/node-{node}": state for node, state in nodes.items()
                 for backend in ("smtp_nodes", "pop3_nodes")}
 
@@ -378,7 +378,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
         self.node_a = yield self.start_node(
             "a", mount_a, users=[(user, PASSWORD) for user in (*USERS, HANDOVER_USER)])
         self.haproxy = yield start_haproxy(self, HAPROXY_CONFIG.format(**self.ports))
-        yield self.haproxy.wait_for(self.states(a="UP", b="DOWN"))
+        yield self.haproxy.wait_for(self.expected_states(a="UP", b="DOWN"))
 
         yield self.b_starts_while_a_has_files_in_tmp(mount_a, mount_b)
         yield self.deliveries_land_on_both_nodes()
@@ -415,7 +415,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
                         f"A has no spare files in tmp/: {before}")
 
         self.node_b = yield self.start_node("b", mount_b, namespace_host="node-b")
-        yield self.haproxy.wait_for(self.states(a="UP", b="UP"))
+        yield self.haproxy.wait_for(self.expected_states(a="UP", b="UP"))
         # A drained (its sessions continue), so that B alone delivers; A stays idle.
         yield self.haproxy.command("disable server smtp_nodes/node-a")
         sessions = yield self.deliver(9)
@@ -427,7 +427,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
 
         answers = yield defer.gatherResults([threads.deferToThread(h.finish) for h in held])
         self.assertEqual([code for code, _ in answers], [250] * len(held), answers)
-        yield self.haproxy.wait_for(self.states(a="UP", b="UP"))
+        yield self.haproxy.wait_for(self.expected_states(a="UP", b="UP"))
 
     @defer.inlineCallbacks
     def deliveries_land_on_both_nodes(self):
@@ -519,7 +519,7 @@ class TwoNodesOnGlusterFSTests(TestCase):
         killed = time.monotonic()
         os.kill(self.node_a.pid, signal.SIGKILL)
         yield self.node_a.process.ended
-        yield self.haproxy.wait_for(self.states(a="DOWN", b="UP"))
+        yield self.haproxy.wait_for(self.expected_states(a="DOWN", b="UP"))
         down = time.monotonic()
         yield deferred_sleep(3.0)
         stop.set()
