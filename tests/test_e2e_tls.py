@@ -36,11 +36,20 @@ import ssl
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.certs import PKIPaths, make_test_pki
-from tests.harness import read, read_reply, require_tool, run_client, start_twistd, write_private
+from tests.harness import (
+    ProxiedPOP3,
+    deferred_sleep,
+    read,
+    read_reply,
+    require_tool,
+    run_client,
+    start_twistd,
+    write_private,
+)
 
 USER, PASSWORD = "alice@example.org", "pw"
 TIMEOUT = 60
@@ -113,10 +122,6 @@ def replace_atomically(source: str, destination: str) -> None:
     with open(temporary, "wb") as f:
         f.write(read(source))
     os.replace(temporary, destination)
-
-
-def deferred_sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 @defer.inlineCallbacks
@@ -569,15 +574,6 @@ class PlaintextPolicyTests(TLSServerTestCase):
         self.assertEqual(capabilities["SASL"], ["PLAIN"])
         self.assertIn("STLS", capabilities)
         self.assertTrue(answer.startswith(b"+OK"), answer)
-
-
-class ProxiedPOP3(poplib.POP3):
-    """poplib behind a PROXY protocol v1 header that names a remote client address."""
-
-    def _create_socket(self, timeout):
-        sock = super()._create_socket(timeout)
-        sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 110\r\n")
-        return sock
 
 
 class NonLoopbackPlaintextPolicyTests(TLSServerTestCase):
