@@ -165,6 +165,8 @@ def _read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(path, "", e.strerror or str(e)) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(path, "", f"TOML syntax error: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text (byte {e.start})") from None
 
 
 def _build_section(source: str, name: str, cls: type, table: dict[str, Any]) -> Any:
