@@ -198,7 +198,6 @@ class POP3Server(LineSession):
         self._maildrop = None
         self._logout: Callable[[], None] | None = None
         self._login: defer.Deferred | None = None
-        self._answer_call = None
         self._update: defer.Deferred | None = None  # the UPDATE in progress
         self._removed = (0, 0)  # messages and octets the UPDATE state removed
         self._idle_timer = None
@@ -220,7 +219,7 @@ class POP3Server(LineSession):
 
     def ended(self, reason: str) -> None:
         self.disconnected = True
-        for call in (self._idle_timer, self._session_timer, self._answer_call):
+        for call in (self._idle_timer, self._session_timer):
             if call is not None and call.active():
                 call.cancel()
         if self._login is not None:
