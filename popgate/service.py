@@ -26,6 +26,7 @@ from twisted.python.threadpool import ThreadPool
 from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
 from popgate.auth.users import PasswordChecker, UserDB
 from popgate.config import Config
+from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
 from popgate.loglimit import LogLimiter
 from popgate.pop3.realm import MailboxRealm
@@ -58,6 +59,10 @@ class AuthThreadPool(Service):
 
     def run(self, f, *args):
         return threads.deferToThreadPool(self._reactor, self._pool, _at_low_priority, f, *args)
+
+    def queued(self) -> int:
+        """Password checks waiting for a thread (the auth_queue_length metric)."""
+        return self._pool.q.qsize()
 
 
 def _at_low_priority(f, *args):
@@ -190,6 +195,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
     tls = _tls_creator(config, reactor)
     trusted = parse_networks(config.limits.trusted_networks)
 
+    events = EventBus()
     top = MultiService()
     StorageService(config, store).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
@@ -216,8 +222,46 @@ def makeService(config: Config, reactor=None) -> MultiService:
                    password_checks=ChecksPerAddress())
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+    _observe(top, config, events, store, reactor, users, auth_threads)
     ReadyService(reactor).setServiceParent(top)
     return top
+
+
+def _observe(top: MultiService, config: Config, events: EventBus, store: MaildirStore,
+             reactor, users: UserDB, auth_threads: AuthThreadPool) -> None:
+    """The observers of the session events, and the metrics and dashboard listeners."""
+    if config.log.trace:
+        from popgate.observe.trace import ProtocolTrace
+
+        ProtocolTrace().subscribe(events)
+    if not (config.metrics.listen or config.web.listen):
+        return
+    from twisted.web.resource import Resource
+
+    from popgate.observe.metrics import Metrics, MetricsPage
+    from popgate.web.board import LabBoard
+    from popgate.web.mailboxes import MailboxWatch
+    from popgate.web.site import QuietSite, build_site
+
+    watch = MailboxWatch(reactor, partial(_defer_to_reactor_pool, reactor), store.root,
+                         lambda: [user.name for user in users.users()])
+    watch.setServiceParent(top)
+    metrics_page = None
+    if config.metrics.listen:
+        metrics = Metrics(auth_queue=auth_threads.queued, mailboxes=lambda: watch.latest)
+        metrics.subscribe(events)
+        metrics_page = MetricsPage(metrics)
+        root = Resource()
+        root.putChild(b"metrics", metrics_page)
+        site = QuietSite(root)
+        for description in config.metrics.listen:
+            ListenerService(reactor, description, site, "metrics").setServiceParent(top)
+    if config.web.listen:
+        board = LabBoard(reactor, watch)
+        board.subscribe(events)
+        site = build_site(board, reactor, config.web.token, metrics_page)
+        for description in config.web.listen:
+            ListenerService(reactor, description, site, "web").setServiceParent(top)
 
 
 def _defer_to_reactor_pool(reactor, f, *args, **kwargs):

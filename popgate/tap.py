@@ -15,7 +15,11 @@ from popgate.service import makeService as _makeService
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR]"
+    synopsis = ("[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR] "
+                "[--trace]")
+    optFlags = [
+        ["trace", None, "Log every command and reply as C:/S: lines ([log] trace = true)."],
+    ]
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/popgate.toml)."],
         ["data-dir", "d", None, "Data directory (mail, users); default ./popgate-data."],
@@ -42,6 +46,8 @@ class Options(usage.Options):
             overrides["pop3.listen"] = list(self["pop3"])
         if self["data-dir"]:
             overrides["server.data_dir"] = self["data-dir"]
+        if self["trace"]:
+            overrides["log.trace"] = True
         return overrides
 
     def postOptions(self) -> None:

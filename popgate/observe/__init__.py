@@ -1,0 +1,1 @@
+"""Observers of the session events (:mod:`popgate.events`): logs, trace, metrics."""
