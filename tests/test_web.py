@@ -90,6 +90,16 @@ class MailboxWatchTests(TestCase):
         self.run.run_next()
         self.assertEqual(self.heard[-1][0].counts, (0, 1, 0))
 
+    def test_fresh_waits_for_a_survey_begun_after_it(self):
+        self.clock.advance(0)  # a survey runs, begun before the request
+        d = self.watch.fresh()
+        self.run.run_next()
+        self.assertNoResult(d)
+        make_maildir(self.root, "bob@example.org", new=[("1.M1P1Q1R1.mx,S=1,W=1", b"x")])
+        self.clock.advance(0.05)
+        self.run.run_next()
+        self.assertEqual(self.successResultOf(d)[0].counts, (0, 1, 0))
+
     def test_one_survey_at_a_time(self):
         self.clock.advance(0)
         self.watch.refresh_soon()

@@ -23,6 +23,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict
 
+from twisted.internet import defer
+
 from popgate.events import Event, EventBus
 from popgate.observe.redact import SecretMask
 from popgate.observe.trace import describe_line
@@ -161,9 +163,16 @@ class LabBoard:
         return {"open": list(self.open.values()), "recent": list(self.recent),
                 "not_shown": self.not_shown}
 
-    def mailboxes_json(self) -> dict:
-        surveys = self._watch.latest if self._watch is not None else []
+    def mailboxes_json(self, surveys: list[MaildirSurvey] | None = None) -> dict:
+        if surveys is None:
+            surveys = self._watch.latest if self._watch is not None else []
         return {"mailboxes": [asdict(box) for box in surveys]}
+
+    def fresh_mailboxes_json(self) -> defer.Deferred:
+        """:meth:`mailboxes_json` from a survey begun now."""
+        if self._watch is None:
+            return defer.succeed(self.mailboxes_json([]))
+        return self._watch.fresh().addCallback(self.mailboxes_json)
 
     def add_stream(self, write: Callable[[bytes], None]) -> Callable[[], None]:
         """Send ``write`` a snapshot now and every change from now on; returns a remove."""

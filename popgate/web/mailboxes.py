@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from popgate.store.survey import MaildirSurvey, survey
@@ -36,6 +37,7 @@ class MailboxWatch(Service):
         self._running = False
         self._again = False
         self._failed_once = False
+        self._waiting: list[defer.Deferred] = []  # for a survey that has not begun yet
 
     def listen(self, listener: Callable[[list[MaildirSurvey]], None]) -> None:
         self._listeners.append(listener)
@@ -49,6 +51,19 @@ class MailboxWatch(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def fresh(self) -> defer.Deferred:
+        """Fires with a survey begun after this call (for a JSON request: what is on
+        disk now, not up to ``interval`` seconds ago)."""
+        if not self.running:
+            return defer.succeed(self.latest)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        if self._running:
+            self._again = True
+        else:
+            self.refresh_soon(0)
+        return d
 
     def refresh_soon(self, delay: float | None = None) -> None:
         if not self.running:
@@ -66,6 +81,7 @@ class MailboxWatch(Service):
             self._again = True
             return
         self._running = True
+        served, self._waiting = self._waiting, []
         try:
             names = list(self._user_names())
         except OSError as e:  # the users file unreadable: show the Maildirs found
@@ -73,7 +89,7 @@ class MailboxWatch(Service):
             self._log_once(e)
         d = self._run_in_thread(survey, self._root, names)
         d.addCallbacks(self._surveyed, self._survey_failed)
-        d.addBoth(self._done)
+        d.addBoth(self._done, served)
 
     def _surveyed(self, result: list[MaildirSurvey]) -> None:
         if result != self.latest:
@@ -89,8 +105,10 @@ class MailboxWatch(Service):
             self._failed_once = True
             log.warn("lab dashboard: cannot survey the Maildirs: {error}", error=error)
 
-    def _done(self, _ignored) -> None:
+    def _done(self, _ignored, served: list[defer.Deferred]) -> None:
         self._running = False
+        for waiting in served:
+            waiting.callback(self.latest)
         if not self.running:
             return
         if self._again:

@@ -20,10 +20,14 @@ import hmac
 import json
 from importlib import resources as package_files
 
+from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 from popgate.web.board import LabBoard
+
+log = Logger()
 
 COOKIE = b"popgate_lab"
 _STATIC = {"lab.css": b"text/css; charset=utf-8",
@@ -58,7 +62,7 @@ def build_site(board: LabBoard, clock, token: str = "", metrics_page=None,
     root.putChild(b"events", EventStream(board, clock, max_streams))
     api = Resource()
     api.putChild(b"sessions", _JSON(board.sessions_json))
-    api.putChild(b"mailboxes", _JSON(board.mailboxes_json))
+    api.putChild(b"mailboxes", _JSON(board.fresh_mailboxes_json))
     root.putChild(b"api", api)
     if metrics_page is not None:
         root.putChild(b"metrics", metrics_page)
@@ -136,9 +140,27 @@ class _JSON(Resource):
         super().__init__()
         self._produce = produce
 
-    def render_GET(self, request) -> bytes:
+    def render_GET(self, request):
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps(self._produce(), separators=(",", ":")).encode()
+        finished = request.notifyFinish()  # the client may go away while a survey runs
+        finished.addErrback(lambda _: None)  # ... which is no error here
+        d = defer.maybeDeferred(self._produce)
+        d.addCallback(self._write, request, finished)
+        d.addErrback(self._failed, request, finished)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _write(result, request, finished) -> None:
+        if not finished.called:
+            request.write(json.dumps(result, separators=(",", ":")).encode())
+            request.finish()
+
+    @staticmethod
+    def _failed(failure, request, finished) -> None:
+        log.failure("lab dashboard: cannot answer {uri}", failure, uri=request.uri)
+        if not finished.called:
+            request.setResponseCode(500)
+            request.finish()
 
 
 class EventStream(Resource):
