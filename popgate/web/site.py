@@ -31,7 +31,8 @@ log = Logger()
 
 COOKIE = b"popgate_lab"
 _STATIC = {"lab.css": b"text/css; charset=utf-8",
-           "lab.js": b"text/javascript; charset=utf-8"}
+           "lab.js": b"text/javascript; charset=utf-8",
+           "favicon.svg": b"image/svg+xml"}
 _HEARTBEAT = 15.0  # seconds: a comment line that lets proxies and browsers see life
 _SECURITY_HEADERS = {
     b"content-security-policy": (b"default-src 'self'; style-src 'self' 'unsafe-inline'; "

@@ -102,9 +102,9 @@ function who(s) {
 function transcript(s, lines) {
   const shown = lines ? s.transcript.slice(-lines) : s.transcript;
   const dropped = s.dropped + s.transcript.length - shown.length;
-  const head = dropped ? '<span class="more">… ' + dropped + " earlier lines</span>\n" : "";
+  const head = dropped ? '<div class="more">… ' + dropped + " earlier lines</div>" : "";
   return '<div class="transcript">' + head + shown.map(([, dir, line]) =>
-    '<span class="' + dir + '">' + dir + ": " + esc(line) + "</span>").join("\n") + "</div>";
+    '<div class="' + dir + '">' + dir + ": " + esc(line) + "</div>").join("") + "</div>";
 }
 
 function octets(n) { return (n ?? 0).toLocaleString("en") + " o"; }
@@ -127,7 +127,7 @@ function pop3Card(s) {
   const marks = marked.length ? '<div class="marks">DELE marked: ' +
     marked.map(([, n]) => "#" + esc(n)).join(", ") + " (removed at QUIT)</div>" : "";
   const user = s.user ? esc(s.user) : "not logged in";
-  const retr = s.retrieved.length ? " · RETR " + s.retrieved.length : "";
+  const retr = s.retrieved.length ? " · " + s.retrieved.length + " retrieved" : "";
   return '<div class="card pop3" data-session="' + esc(s.id) + '">' + who(s) +
     '<div class="big">' + user + retr + "</div>" +
     '<div class="states">' + states + "</div>" + marks + transcript(s, 6) + "</div>";
@@ -179,7 +179,7 @@ function chip(box, dir, f, marks, now) {
   const when = fileTime(f.name);
   const text = esc(when) + "<br>" + octets(f.stored) + " · LIST " + octets(f.octets);
   if (mark) {
-    return '<span class="chip marked"' + title + ">" + text + '<span class="why">DELE #' +
+    return '<span class="chip marked"' + title + '><span class="what">' + text + '</span><span class="why">DELE #' +
       esc(mark.n) + " by " + esc(mark.id) + "</span></span>";
   }
   return '<span class="chip ' + dir + arrival(key, dir, now) + '"' + title + ">" + text + "</span>";
