@@ -60,4 +60,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
-    return _makeService(options.config)
+    service = _makeService(options.config)
+    twistd = getattr(options, "parent", None)  # twistd's own options (--logfile, -n)
+    if options.config.log.format == "json" and twistd is not None:
+        from popgate.observe.jsonlog import JSONLogging, json_observer
+
+        service = JSONLogging(service, json_observer(twistd.get("logfile"),
+                                                     twistd.get("nodaemon", False)))
+    return service

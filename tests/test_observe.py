@@ -1,10 +1,17 @@
 """The event observers on their own: the protocol trace and the metrics, fed by events
 published on an EventBus as the protocols publish them."""
 
-from twisted.logger import Logger, formatEvent
+import io
+import json
+import os
+import sys
+
+from twisted.application.service import Application, IServiceCollection, MultiService
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.trial.unittest import TestCase
 
 from popgate.events import EventBus, SessionInfo
+from popgate.observe.jsonlog import JSONLinesObserver, JSONLogging, json_observer
 from popgate.observe.metrics import MAX_REASONS, Metrics
 from popgate.observe.redact import SecretMask
 from popgate.observe.trace import ProtocolTrace
@@ -147,3 +154,35 @@ class MetricsTests(TestCase):
         self.assertIsNone(self.value("popgate_mailbox_octets", user="a@x.test"))
         self.assertEqual(self.value("popgate_mailbox_messages", user="(others)"), 5)
         self.assertEqual(self.value("popgate_mailbox_octets", user="(others)"), 30)
+
+
+class JSONLogTests(TestCase):
+    def test_one_json_object_per_line_with_the_text(self):
+        out = io.StringIO()
+        log = Logger(namespace="popgate.test", observer=JSONLinesObserver(out))
+        log.info("{session} delivered {octets} octets", session="S1", octets=5)
+        log.warn("braces {{in}} text: {what}", what="a\nb")
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        first, second = (json.loads(line) for line in lines)
+        self.assertEqual(first["text"], "S1 delivered 5 octets")
+        self.assertEqual((first["session"], first["octets"]), ("S1", 5))
+        self.assertEqual(first["log_level"]["name"], "info")
+        self.assertEqual(second["text"], "braces {in} text: a\nb")
+
+    def test_destination_follows_twistd(self):
+        self.assertIs(json_observer("-", True)._out, sys.stdout)
+        self.assertIs(json_observer(None, True)._out, sys.stdout)
+        path = os.path.abspath(self.mktemp())
+        observer = json_observer(path, False)
+        self.addCleanup(observer._out.close)
+        self.assertEqual(observer._out.path, path)
+
+    def test_twistd_application_gets_the_observer(self):
+        application = Application("popgate")
+        observer = JSONLinesObserver(io.StringIO())
+        inner = MultiService()
+        JSONLogging(inner, observer).setServiceParent(application)
+        self.assertIs(application.getComponent(ILogObserver), observer)
+        (wrapper,) = list(IServiceCollection(application))
+        self.assertEqual(list(wrapper), [inner])
