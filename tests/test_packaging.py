@@ -74,6 +74,15 @@ class FreshVenvTests(TestCase):
                                  capture_output=True, text=True, timeout=60)
         self.assertRegex(version.stdout, r"^popgate \d+\.\d+")
 
+        # The dashboard's page, style and script are package data: they must install too.
+        python = os.path.join(bin_dir, "python")
+        assets = subprocess.run(
+            [python, "-c", "from importlib.resources import files; s = files('popgate.web')"
+             " / 'static'; print(sorted(p.name for p in s.iterdir()))"],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(assets.stdout.strip(),
+                         "['favicon.svg', 'index.html', 'lab.css', 'lab.js']", assets.stderr)
+
         self.check_twistd_runs(bin_dir, cwd, env)
 
     def check_twistd_runs(self, bin_dir: str, cwd: str, env: dict) -> None:

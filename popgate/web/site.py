@@ -1,9 +1,10 @@
 """The dashboard's web resources, and the token rule.
 
-Paths: ``/`` the page; ``/static/lab.css``, ``/static/lab.js`` (served from the package:
-the page works offline, nothing comes from a CDN); ``/events`` server-sent events (see
-:class:`~popgate.web.board.LabBoard`); ``/api/sessions`` and ``/api/mailboxes`` JSON;
-``/metrics`` when metrics are on.
+Paths: ``/`` the page; ``/static/lab.css``, ``/static/lab.js``, ``/static/favicon.svg``
+(package data, served by popgate: the page works offline, nothing comes from a CDN);
+``/events`` server-sent events (see :class:`~popgate.web.board.LabBoard`);
+``/api/sessions`` and ``/api/mailboxes`` JSON (the latter from a Maildir survey begun
+after the request); ``/metrics`` when metrics are on.
 
 Token: with ``[web] token`` set (required by the configuration unless every listener is
 loopback), every request must carry it: ``Authorization: Bearer TOKEN``, ``?token=TOKEN``
@@ -132,6 +133,11 @@ class _Bytes(Resource):
     def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", self._type)
         return self._body
+
+    def render_HEAD(self, request) -> bytes:
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"content-length", b"%d" % len(self._body))
+        return b""
 
 
 class _JSON(Resource):

@@ -201,18 +201,19 @@ function renderRecent() {
   if (!state.recent.length) { el.innerHTML = '<p class="empty">None yet.</p>'; return; }
   el.innerHTML = state.recent.map((s) => {
     const c = s.closed || {};
-    const user = s.user || (c.user ?? "") || "-";
     let what = "";
     if (isPop3(s)) {
-      what = "retr=" + (c.retrieved ?? s.retrieved.length) + "/" + octets(c.retrieved_octets) +
-        " del=" + (c.deleted ?? 0) + "/" + octets(c.deleted_octets);
+      const failed = s.logins.filter((l) => l.result !== "ok").map((l) => l.result + ": " + l.user);
+      const user = s.user || c.user || (failed.length ? "login " + failed.join(", ") : "no login");
+      what = user + " · retr=" + (c.retrieved ?? s.retrieved.length) + "/" +
+        octets(c.retrieved_octets) + " del=" + (c.deleted ?? 0) + "/" + octets(c.deleted_octets);
     } else {
       what = (c.messages ?? s.delivered.length) + " message(s) delivered";
     }
     const duration = c.duration !== undefined ? Number(c.duration).toFixed(1) + " s" : "";
     return '<details data-session="' + esc(s.id) + '"' + (openDetails.has(s.id) ? " open" : "") +
       ' class="' + (isPop3(s) ? "pop3" : "smtp") + '"><summary><span class="proto">' + esc(s.protocol) +
-      "</span> " + esc(s.client) + " · " + esc(s.id) + " · " + esc(user) + " · " + esc(what) +
+      "</span> " + esc(s.client) + " · " + esc(s.id) + " · " + esc(what) +
       " · " + esc(duration) + " · " + esc(c.reason || "") + "</summary>" + transcript(s, 0) + "</details>";
   }).join("");
   for (const d of el.querySelectorAll("details")) {
