@@ -59,6 +59,8 @@ def survey(root: str, users: Iterable[str] = (), max_users: int = 200,
 def _found_users(root: str) -> list[str]:
     found = []
     for domain in _entries(root):
+        if domain.startswith("."):
+            continue  # popgate's own (.popgate-owners), never a domain
         for local in _entries(os.path.join(root, domain)):
             if os.path.isdir(os.path.join(root, domain, local, "Maildir")):
                 found.append(f"{local}@{domain}")
@@ -121,11 +123,12 @@ def _tmp_entry(entry: os.DirEntry) -> FileEntry | None:
 
 def tmp_kind(name: str, size: int) -> str:
     """What a ``tmp/`` file is, for someone watching: ``writing`` once it has content;
-    an empty one is a spare made ahead of time or a message whose first block is still
-    buffered in memory (a small message reaches its file in one write, at its end)."""
-    if size:
-        return "writing"
-    return "empty"
+    ``empty`` otherwise.  An empty file is a spare made ahead of time
+    (:class:`popgate.smtp.delivery.SparePool`) or a message being received whose first
+    block is still buffered in memory (a small message reaches its file in one write,
+    at its end): the name cannot tell them apart (a message takes over a spare's file),
+    so the dashboard tells them apart by the SMTP sessions in DATA."""
+    return "writing" if size else "empty"
 
 
 def _entries(path: str) -> list[str]:

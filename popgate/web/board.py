@@ -1,6 +1,7 @@
 """LabBoard: what the dashboard shows, kept from the session events.
 
-For each open session: protocol, client, TLS, user, POP3 state, the messages it has
+For each open session: protocol, client, TLS, user, POP3 state, what it is doing (its
+last command's verb, or ``delivered`` after a ``250`` for a message), the messages it has
 marked deleted (by UIDL, with their session numbers), retrieved or delivered, and its
 transcript (masked again by :class:`~popgate.observe.redact.SecretMask`; message bodies
 appear only as the protocol's summary).  Closed sessions stay in a list of the most
@@ -85,13 +86,13 @@ class LabBoard:
     def _on_command(self, session: dict, event: Event) -> None:
         line = self._mask.command(event.session.id, event.data.get("line", ""))
         self._transcript(session, event, "C", describe_line(line, event.data))
-        session["last_command"] = line.split(" ", 1)[0].upper()
+        session["doing"] = line.split(" ", 1)[0].upper()
         found = _RCPT.match(line)
         if found:
             target = _user_of(found.group(1))
             if target and target not in session["targets"]:
                 session["targets"].append(target)
-        if session["last_command"] in ("DATA", "BDAT") and self._watch is not None:
+        if session["doing"] in ("DATA", "BDAT") and self._watch is not None:
             self._watch.refresh_soon()
 
     def _on_reply(self, session: dict, event: Event) -> None:
@@ -119,6 +120,7 @@ class LabBoard:
             delivery = {key: data.get(key) for key in
                         ("id", "sender", "recipients", "users", "octets", "list_octets", "tls")}
             session["delivered"] = (session["delivered"] + [delivery])[-_MAX_DELIVERIES:]
+            session["doing"] = "delivered"  # until its next command
             for user in data.get("users", ()):
                 self._flow("push", event.session.id, user, data.get("id"))
         elif action in ("retrieved", "topped"):
@@ -226,7 +228,7 @@ def _new_session(event: Event) -> dict:
     info = event.session
     return {"id": info.id, "protocol": info.protocol, "client": info.client,
             "listener": info.listener, "started": info.started, "open": True, "tls": None,
-            "user": None, "state": None, "last_command": None, "targets": [],
+            "user": None, "state": None, "doing": None, "targets": [],
             "logins": [], "delivered": [], "retrieved": [], "marked": {}, "removed": None,
             "refusals": [], "transcript": [], "dropped": 0, "closed": None}
 

@@ -110,7 +110,7 @@ function transcript(s, lines) {
 function octets(n) { return (n ?? 0).toLocaleString("en") + " o"; }
 
 function smtpCard(s) {
-  const now = s.last_command ? "now: " + s.last_command : "connected";
+  const now = s.doing ? "now: " + s.doing : "connected";
   const to = s.targets.length ? " → " + s.targets.join(", ") : "";
   const delivered = s.delivered.map((d) => "✉ " + esc(d.id) + " → " + esc((d.users || []).join(", ")) +
     ": " + octets(d.octets) + " stored, " + octets(d.list_octets) + " as LIST").join("<br>");
@@ -142,10 +142,22 @@ function markedBy(open) {
   return marks;
 }
 
+// An empty tmp/ file is a spare, unless an SMTP session is receiving a message for this
+// user: that message has taken over the oldest spare and stays empty until its end.
+function receiving(box, open) {
+  return open.filter((s) => !isPop3(s) && ["DATA", "BDAT"].includes(s.doing) &&
+    s.targets.includes(box.user)).length;
+}
+
 function mailboxCard(box, open, now) {
   const marks = markedBy(open);
+  let taken = receiving(box, open);
   const dirs = ["tmp", "new", "cur"].map((dir, i) => {
-    const chips = box[dir].map((f) => chip(box, dir, f, marks, now));
+    const chips = box[dir].map((f) => {
+      const empty = dir === "tmp" && f.kind === "empty";
+      const kind = empty ? (taken-- > 0 ? "receiving" : "spare") : f.kind;
+      return chip(box, dir, { ...f, kind }, marks, now);
+    });
     for (const g of state.ghosts) {
       if (g.box === box.user && g.dir === dir) chips.push(ghostChip(g, now));
     }
@@ -170,9 +182,9 @@ function chip(box, dir, f, marks, now) {
   const key = box.user + "|" + fileKey(dir, f);
   const title = ' title="' + esc(dir + "/" + f.name) + '"';
   if (dir === "tmp") {
-    const label = { spare: "spare (empty)", writing: "writing: " + octets(f.octets),
-      empty: "empty: spare or just opened" }[f.kind] || f.kind;
-    const kind = f.kind === "spare" || f.kind === "writing" || f.kind === "empty" ? f.kind : "spare";
+    const label = { spare: "spare: empty, made ahead", writing: "writing: " + octets(f.octets),
+      receiving: "receiving: in memory until its end" }[f.kind] || f.kind;
+    const kind = f.kind === "receiving" ? "writing" : f.kind;
     return '<span class="chip ' + kind + arrival(key, dir, now) + '"' + title + ">" + esc(label) + "</span>";
   }
   const mark = marks.get(box.user + "|" + f.uidl);
