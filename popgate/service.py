@@ -23,15 +23,18 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from popgate.auth.login import Authenticator
 from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
 from popgate.auth.users import PasswordChecker, UserDB
 from popgate.config import Config
 from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
 from popgate.loglimit import LogLimiter
-from popgate.pop3.realm import MailboxRealm
+from popgate.observe.log import SessionLog
+from popgate.pop3.realm import MaildropRealm
 from popgate.pop3.server import POP3Factory
 from popgate.proxy import TrustedProxyFactory
+from popgate.smtp.delivery import Deliverer, Router
 from popgate.smtp.server import SMTPFactory
 from popgate.store.maildir import MaildirStore
 
@@ -156,6 +159,17 @@ class StorageService(Service):
             log.info("removed {n} stale tmp/ files", n=removed)
 
 
+class DelivererService(Service):
+    """Owns the process's one :class:`Deliverer`: its spare files go when the server stops."""
+
+    def __init__(self, deliverer: Deliverer):
+        self.deliverer = deliverer
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.deliverer.close()
+
+
 class ReloadService(Service):
     """SIGHUP (``systemctl reload``) re-reads the certificate, if there is one.
 
@@ -205,21 +219,26 @@ def makeService(config: Config, reactor=None) -> MultiService:
     listen = partial(_listen, top, reactor,
                      proxies=parse_networks(config.limits.trusted_proxies))
 
-    smtp_limiter = _limiter(config, trusted)
-    smtp = partial(SMTPFactory, config=config, users=users, store=store, clock=reactor,
-                   run_in_thread=run_in_thread, limiter=smtp_limiter, tls=tls)
+    events = EventBus()
+    SessionLog(reactor).subscribe(events)
+
+    deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
+    DelivererService(deliverer).setServiceParent(top)
+    smtp = partial(SMTPFactory, config=config, router=Router(config, users),
+                   deliverer=deliverer, clock=reactor, limiter=_limiter(config, trusted),
+                   events=events, tls=tls)
     listen("SMTP", config.smtp.listen, smtp())
     listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
     listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
 
-    portal = Portal(MailboxRealm(users, store, run_in_thread),
+    portal = Portal(MaildropRealm(users, store, run_in_thread),
                     [PasswordChecker(users, auth_threads.run)])
     limits = config.limits
     penalty = AuthPenalty(reactor, limits.auth_delay, limits.auth_delay_max,
                           limits.penalty_window)
-    pop3 = partial(POP3Factory, config=config, portal=portal, clock=reactor,
-                   limiter=_limiter(config, trusted), penalty=penalty, tls=tls,
-                   password_checks=ChecksPerAddress())
+    authenticator = Authenticator(portal, penalty, ChecksPerAddress(), reactor)
+    pop3 = partial(POP3Factory, config=config, authenticator=authenticator, clock=reactor,
+                   limiter=_limiter(config, trusted), events=events, tls=tls)
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
     _observe(top, config, events, store, reactor, users, auth_threads)

@@ -19,10 +19,8 @@ from popgate.addresses import parse_path
 from popgate.auth.users import UserDB, UserFile, hash_password
 from popgate.smtp import delivery
 from popgate.smtp.delivery import (
-    RELAY_DENIED,
-    UNKNOWN_USER,
+    Arrival,
     Deliverer,
-    Envelope,
     GroupCommitter,
     Recipient,
     Router,
@@ -30,6 +28,7 @@ from popgate.smtp.delivery import (
     fold,
     received_header,
 )
+from popgate.smtp.reply import RELAY_DENIED, UNKNOWN_USER
 from popgate.store import maildir
 from popgate.store.maildir import MaildirStore
 from tests.fakes import Deferring, synchronous
@@ -146,7 +145,7 @@ class RouterTests(UsersFixture, TestCase):
                          ["postmaster@example.net"])
 
 
-ENVELOPE = Envelope(sender="sender@remote.example", recipients=(), helo="client.example",
+ARRIVAL = Arrival(sender="sender@remote.example", recipients=(), helo="client.example",
                     client_ip="192.0.2.5", protocol="ESMTP")
 
 
@@ -163,8 +162,8 @@ class DelivererTests(UsersFixture, TestCase):
         recipients = tuple(
             Recipient(address, router.resolve(parse_path(f"<{address}>")).users)
             for address in addresses)
-        fields = {**ENVELOPE.__dict__, "recipients": recipients, **changes}
-        return Envelope(**fields)
+        fields = {**ARRIVAL.__dict__, "recipients": recipients, **changes}
+        return Arrival(**fields)
 
     def begin(self, envelope):
         return self.successResultOf(self.deliverer.begin(envelope))
@@ -269,7 +268,7 @@ class DelivererTests(UsersFixture, TestCase):
 
 class ReceivedHeaderTests(TestCase):
     def header(self, **changes):
-        envelope = Envelope(**{**ENVELOPE.__dict__, **changes})
+        envelope = Arrival(**{**ARRIVAL.__dict__, **changes})
         return received_header(envelope, "alice@example.org", "mx.example.net", "ABC123",
                                "Tue, 14 Nov 2023 22:13:20 +0000")
 
@@ -384,7 +383,7 @@ class SpareTests(UsersFixture, TestCase):
 
     def envelope(self, *names):
         recipients = tuple(Recipient(name, (self.users.get(name),)) for name in names)
-        return Envelope(**{**ENVELOPE.__dict__, "recipients": recipients})
+        return Arrival(**{**ARRIVAL.__dict__, "recipients": recipients})
 
     def tmp(self, user="alice@example.org"):
         local, domain = user.split("@")

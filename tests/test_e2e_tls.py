@@ -281,7 +281,8 @@ class CurlSMTPTests(TLSServerTestCase):
                                    rb"\(using TLSv1\.[23] with cipher \S+\) for "
                                    rb"<alice@example\.org>; ")
         self.assertTrue(stored.endswith(b"Subject: curl tls\n\nSent by curl.\n"), stored)
-        yield wait_for_log(self, self.server, rb"closed; 1 message\(s\) accepted, TLSv1\.[23] ")
+        yield wait_for_log(self, self.server,
+                           rb"closed \(quit\): 1 message\(s\) accepted TLSv1\.[23] ")
 
     @defer.inlineCallbacks
     def test_starttls_smtp(self):
@@ -365,7 +366,7 @@ class FetchmailTLSTests(TLSServerTestCase):
         self.assertFetchedEverything(out)
         # fetchmail reads with TOP n 99999999 when it deletes: "retrieved" counts RETR.
         yield wait_for_log(self, self.server,
-                           rb"user=alice@example\.org TLS retrieved=\d+ deleted=2")
+                           rb"user=alice@example\.org retr=\d+/\d+ del=2/\d+ TLS ")
 
     @defer.inlineCallbacks
     def test_implicit_tls_pop3s_with_sslcertck(self):
@@ -464,7 +465,7 @@ class CertificateReloadTests(TLSServerTestCase):
         stat, body, quit_answer = yield threads.deferToThread(carry_on)
         self.assertEqual(stat[0], len(MESSAGES))
         self.assertEqual(b"\n".join(body) + b"\n", MESSAGES[1])
-        self.assertEqual(quit_answer, b"+OK popgate signing off (1 messages deleted)")
+        self.assertEqual(quit_answer, b"+OK popgate signing off (1 message deleted)")
         self.assertEqual(len(self.server.messages(USER)), len(MESSAGES) - 1)
 
     @defer.inlineCallbacks

@@ -23,24 +23,22 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from popgate import __version__, config
-from popgate.auth.penalty import CHECKS_PER_ADDRESS, AuthPenalty
+from popgate import __version__, config, lineproto
+from popgate.auth.login import Authenticator
+from popgate.auth.penalty import CHECKS_PER_ADDRESS, AuthPenalty, ChecksPerAddress
 from popgate.auth.users import PasswordChecker, UserDB, UserFile, hash_password
 from popgate.limits import ConnectionLimiter
 from popgate.pop3 import server as pop3
-from popgate.pop3.realm import MailboxRealm
+from popgate.pop3.realm import MaildropRealm, apply_update
 from popgate.store.maildir import Maildir, MaildirStore, commit
+from tests.fakes import synchronous
+from tests.transcript import Connection, observed_bus
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
 LOOPBACK = "127.0.0.1"
 REMOTE = "192.0.2.7"  # TEST-NET-1: neither loopback nor TLS
 TLS_CREATOR = object()  # startTLS is recorded, not performed, by RecordingTransport
-
-
-def run_now(f, *args):
-    """A synchronous stand-in for the reactor's thread pool."""
-    return defer.maybeDeferred(f, *args)
 
 
 def read(path: str) -> bytes:
@@ -75,81 +73,16 @@ def holding_the_update():
     pending = []
 
     def run_in_thread(f, *args):
-        if f.__name__ == "_apply_update":
+        if f is apply_update:
             d = defer.Deferred()
             pending.append(lambda: d.callback(f(*args)))
             return d
-        return run_now(f, *args)
+        return synchronous(f, *args)
 
     return run_in_thread, pending
 
 
-class RecordingTransport(StringTransport):
-    """A StringTransport that records startTLS, TCP_NODELAY and each write.
-
-    With a ``socket_buffer`` size it behaves like a socket whose send buffer fills: past
-    that many unsent octets it pauses its producer; :meth:`Session.drain` empties it.
-    """
-
-    def __init__(self, peer: str, socket_buffer: int | None = None):
-        super().__init__(peerAddress=IPv4Address("TCP", peer, 40000))
-        self.socket_buffer = socket_buffer
-        self.unsent = 0
-        self.tls_creator = None
-        self.no_delay = None
-        self.writes: list[bytes] = []
-
-    def startTLS(self, creator) -> None:
-        self.tls_creator = creator
-
-    def setTcpNoDelay(self, enabled: bool) -> None:
-        self.no_delay = enabled
-
-    def write(self, data: bytes) -> None:
-        super().write(data)
-        self.writes.append(data)
-        self.unsent += len(data)
-        full = self.socket_buffer is not None and self.unsent > self.socket_buffer
-        if full and self.producer is not None:
-            self.producer.pauseProducing()
-
-
-class Session:
-    """One client connection: bytes in, bytes out."""
-
-    def __init__(self, protocol: pop3.POP3Server, transport: RecordingTransport):
-        self.protocol = protocol
-        self.transport = transport
-        self.dropped = False
-
-    def send(self, data: bytes) -> bytes:
-        self.protocol.dataReceived(data)
-        return self.take()
-
-    def command(self, line: str) -> str:
-        return self.send(line.encode() + b"\r\n").decode("utf-8", "replace")
-
-    def take(self) -> bytes:
-        value = self.transport.value()
-        self.transport.clear()
-        return value
-
-    def drain(self) -> bytes:
-        """Let a paused stream run to its end, as a client reading everything would."""
-        while self.protocol._output_paused and not self.closed:
-            self.transport.unsent = 0
-            self.protocol.resumeProducing()
-        return self.take()
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
-
-    def drop(self) -> None:
-        """The connection goes away (what the reactor does after loseConnection, too)."""
-        if not self.dropped:
-            self.dropped = True
-            self.protocol.connectionLost(Failure(ConnectionDone()))
+Session = Connection
 
 
 class POP3TestCase(unittest.TestCase):
@@ -164,10 +97,10 @@ class POP3TestCase(unittest.TestCase):
         self.users = UserDB(self.users_path)
         self.store = MaildirStore(os.path.join(self.root, "mail"), "test.host")
         self.clock = task.Clock()
-        self.checker = PasswordChecker(self.users, run_now)
+        self.checker = PasswordChecker(self.users, synchronous)
         self.factory = self.make_factory()
 
-    def make_factory(self, tls=None, implicit_tls=False, run_in_thread=run_now,
+    def make_factory(self, tls=None, implicit_tls=False, run_in_thread=synchronous,
                      **overrides) -> pop3.POP3Factory:
         settings = {"server.data_dir": self.root, "server.hostname": "mx.test"}
         settings.update(overrides)
@@ -176,17 +109,16 @@ class POP3TestCase(unittest.TestCase):
         self.penalty = AuthPenalty(self.clock, limits.auth_delay, limits.auth_delay_max,
                                    limits.penalty_window)
         self.limiter = ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip)
-        portal = Portal(MailboxRealm(self.users, self.store, run_in_thread), [self.checker])
-        return pop3.POP3Factory(config=self.config, portal=portal, clock=self.clock,
-                                limiter=self.limiter, penalty=self.penalty, tls=tls,
-                                implicit_tls=implicit_tls)
+        portal = Portal(MaildropRealm(self.users, self.store, run_in_thread), [self.checker])
+        self.password_checks = ChecksPerAddress()
+        self.events, self.recorder = observed_bus(self.clock)
+        authenticator = Authenticator(portal, self.penalty, self.password_checks, self.clock)
+        return pop3.POP3Factory(config=self.config, authenticator=authenticator,
+                                clock=self.clock, limiter=self.limiter, events=self.events,
+                                tls=tls, implicit_tls=implicit_tls)
 
     def connect(self, peer: str = LOOPBACK, factory=None, **transport_options) -> Session:
-        factory = factory or self.factory
-        protocol = factory.buildProtocol(IPv4Address("TCP", peer, 40000))
-        transport = RecordingTransport(peer, **transport_options)
-        protocol.makeConnection(transport)
-        session = Session(protocol, transport)
+        session = Connection(factory or self.factory, peer, **transport_options)
         self.addCleanup(session.drop)
         return session
 
@@ -299,7 +231,7 @@ class CommandParsingTests(POP3TestCase):
         session.take()
         self.assertTrue(session.command("capa").startswith("+OK"))
         self.assertEqual(session.command("uSeR alice@example.org"), "+OK Send your password\r\n")
-        self.assertTrue(session.command("pass pw").startswith("+OK Logged in, 1 messages"))
+        self.assertTrue(session.command("pass pw").startswith("+OK Logged in, 1 message "))
         self.assertTrue(session.command("Stat").startswith("+OK 1 "))
         self.assertEqual(session.command("noop"), "+OK\r\n")
 
@@ -394,7 +326,7 @@ class AuthenticationTests(POP3TestCase):
         session = self.connect()
         session.take()
         self.assertEqual(session.command("USER alice@example.org"), "+OK Send your password\r\n")
-        self.assertEqual(session.command("PASS pw"), "+OK Logged in, 1 messages (20 octets)\r\n")
+        self.assertEqual(session.command("PASS pw"), "+OK Logged in, 1 message (20 octets)\r\n")
         self.assertEqual(session.protocol.state, pop3.State.TRANSACTION)
 
     def test_password_with_spaces(self):
@@ -695,7 +627,7 @@ class PasswordCheckQueueTests(POP3TestCase):
         self.clock.advance(100)
         for session in attackers:
             self.assertIn(b"-ERR [AUTH]", session.take())
-        self.assertEqual(len(self.factory.password_checks), 0, "no state left behind")
+        self.assertEqual(len(self.password_checks), 0, "no state left behind")
 
     def test_a_session_gone_while_queued_is_not_checked(self):
         for _ in range(CHECKS_PER_ADDRESS):
@@ -704,7 +636,7 @@ class PasswordCheckQueueTests(POP3TestCase):
         for _ in range(CHECKS_PER_ADDRESS):
             self.hashing.pop(0)()
         self.assertEqual(self.hashing, [])
-        self.assertEqual(len(self.factory.password_checks), 0)
+        self.assertEqual(len(self.password_checks), 0)
 
 
 class MailboxLockTests(POP3TestCase):
@@ -942,7 +874,7 @@ class TransactionTests(POP3TestCase):
     def test_closing_reads_again_so_that_tls_can_finish(self):
         session, pending = self.session_holding_the_update()
         session.command("RETR 1")
-        session.command("QUIT")
+        session.send(b"QUIT\r\nNOOP\r\n")  # input waits behind the UPDATE: reading stops
         self.assertEqual(session.transport.producerState, "paused")
         pending.pop()()
         self.assertTrue(session.closed)
@@ -951,7 +883,7 @@ class TransactionTests(POP3TestCase):
     def test_a_connection_that_will_not_close_is_cut(self):
         self.session.command("QUIT")
         self.assertTrue(self.session.closed)
-        self.clock.advance(pop3.CLOSE_GRACE - 1)
+        self.clock.advance(lineproto.CLOSE_GRACE - 1)
         self.assertFalse(self.session.transport.disconnected)
         self.clock.advance(1)
         self.assertTrue(self.session.transport.disconnected, "aborted")
@@ -966,7 +898,7 @@ class TransactionTests(POP3TestCase):
         def explode(number):
             raise RuntimeError("bug")
 
-        self.patch(self.session.protocol._mailbox, "delete", explode)
+        self.patch(self.session.protocol._maildrop, "delete", explode)
         self.assertEqual(self.session.command("DELE 1"), "-ERR [SYS/TEMP] internal error\r\n")
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
         self.assertTrue(self.session.command("NOOP").startswith("+OK"))
@@ -1125,7 +1057,7 @@ class PipeliningTests(POP3TestCase):
         reply = session.send(b"CAPA\r\nUSER alice@example.org\r\nPASS pw\r\nSTAT\r\n"
                              b"LIST\r\nUIDL\r\nRETR 1\r\nTOP 1 0\r\nDELE 1\r\nQUIT\r\n")
         self.assertEqual(reply.count(b"+OK"), 10)
-        self.assertTrue(reply.endswith(b"+OK popgate signing off (1 messages deleted)\r\n"))
+        self.assertTrue(reply.endswith(b"+OK popgate signing off (1 message deleted)\r\n"))
         self.assertEqual(self.message_files(), [])
 
     def test_commands_split_across_packets(self):
@@ -1143,7 +1075,7 @@ class PipeliningTests(POP3TestCase):
         # A TLS layer that is still handshaking pauses its producer at the first write
         # (the greeting); it needs to read to finish the handshake.
         session = self.connect(socket_buffer=0)
-        self.assertTrue(session.protocol._output_paused)
+        self.assertTrue(session.protocol.output_full)
         self.assertEqual(session.transport.producerState, "producing")
         session.take()
         self.assertEqual(session.send(b"CAPA\r\n"), b"", "commands wait for the output")
@@ -1151,22 +1083,25 @@ class PipeliningTests(POP3TestCase):
 
     def test_client_that_never_reads_meets_back_pressure_then_the_bound(self):
         session = self.connect(socket_buffer=0)
-        for _ in range(pop3.MAX_PENDING_INPUT // 12 - 1):
+        backlog = pop3.POP3Server.max_backlog
+        sent = 0
+        while session.transport.producerState == "producing":
             session.send(b"CAPA\r\n")
-        self.assertEqual(session.transport.producerState, "producing")
-        session.send(b"CAPA\r\n" * 2)  # half the bound: stop reading, keep the session
-        self.assertEqual(session.transport.producerState, "paused")
+            sent += 6
+        # Reading stops once the backlog bound waits (nothing was answered: the greeting
+        # filled the socket already).
+        self.assertEqual(sent, backlog - backlog % 6 + 6)
         self.assertFalse(session.closed)
-        # A transport delivers nothing more while paused; should one read overshoot the
-        # bound all the same, the session ends.
-        session.send(b"CAPA\r\n" * (pop3.MAX_PENDING_INPUT // 12 + 10))
+        # A transport delivers nothing more while paused; should one read overshoot four
+        # times the bound all the same, the session ends.
+        session.send(b"CAPA\r\n" * (3 * backlog // 6 + 10))
         self.assertTrue(session.closed)
 
     def test_too_much_input_while_busy_closes(self):
         session = self.connect()
         session.take()
         session.send(b"USER alice@example.org\r\nPASS wrong\r\n")
-        session.send(b"NOOP\r\n" * (pop3.MAX_PENDING_INPUT // 6 + 1))
+        session.send(b"NOOP\r\n" * (4 * pop3.POP3Server.max_backlog // 6 + 1))
         self.assertTrue(session.closed)
 
 
@@ -1341,14 +1276,18 @@ class SessionLogTests(POP3TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         self.deliver(b"Subject: a\n\nbody\n")
         self.deliver(b"Subject: b\n\nbody\n")
+        octets = [info.octets for info in self.maildir().scan()]
         session = self.open_session()
         session.send(b"RETR 1\r\nRETR 1\r\nDELE 2\r\nQUIT\r\n")
         session.drop()
-        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.pop3.server"]
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.session"]
+        session_id = self.recorder.events[0].session.id
+        head = f"POP3 [{session_id}] 127.0.0.1:40000"
         self.assertEqual(lines, [
-            "POP3 connection from 127.0.0.1 (plaintext)",
-            "POP3 session from 127.0.0.1 closed (quit): user=alice@example.org plaintext "
-            "retrieved=1 deleted=1"])
+            f"{head} connected",
+            f"{head} login ok: user=alice@example.org mechanism=USER",
+            f"{head} closed (quit): user=alice@example.org retr=1/{octets[0]} "
+            f"del=1/{octets[1]} plaintext 0.0 s"])
 
 
 class FuzzTests(POP3TestCase):

@@ -9,13 +9,9 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from popgate.auth.users import UserDB, UserFile, hash_password
-from popgate.pop3.realm import IMailbox, Mailbox, MailboxRealm, NoSuchMessage
-from popgate.store.maildir import MailboxLocked, MaildirStore, commit
-
-
-def run_now(f, *args):
-    """A synchronous stand-in for the reactor's thread pool."""
-    return defer.maybeDeferred(f, *args)
+from popgate.pop3.realm import IMaildrop, MailboxInUse, Maildrop, MaildropRealm, NoSuchMessage
+from popgate.store.maildir import MaildirStore, commit
+from tests.fakes import synchronous
 
 
 class RealmTestCase(unittest.TestCase):
@@ -26,7 +22,7 @@ class RealmTestCase(unittest.TestCase):
         UserFile(users_path).add("alice@example.org", hash_password("pw", "PLAIN"))
         self.users = UserDB(users_path)
         self.store = MaildirStore(os.path.join(root, "mail"), "test.host")
-        self.realm = MailboxRealm(self.users, self.store, run_now)
+        self.realm = MaildropRealm(self.users, self.store, synchronous)
         self.maildir = self.store.maildir(self.users.get("alice@example.org"))
 
     def deliver(self, body: bytes) -> None:
@@ -35,26 +31,26 @@ class RealmTestCase(unittest.TestCase):
         commit([message])
 
     def open(self, name="alice@example.org"):
-        return self.successResultOf(self.realm.requestAvatar(name, None, IMailbox))
+        return self.successResultOf(self.realm.requestAvatar(name, None, IMaildrop))
 
     def test_avatar_is_a_snapshot_of_the_maildir(self):
         self.deliver(b"Subject: one\n\nbody\n")
         self.deliver(b"Subject: two\n\nbody\n")
-        interface, mailbox, logout = self.open()
+        interface, maildrop, logout = self.open()
         self.addCleanup(logout)
-        self.assertIs(interface, IMailbox)
-        self.assertTrue(IMailbox.providedBy(mailbox))
-        self.assertEqual(mailbox.user, "alice@example.org")
-        self.assertEqual(mailbox.count(), 2)
+        self.assertIs(interface, IMaildrop)
+        self.assertTrue(IMaildrop.providedBy(maildrop))
+        self.assertEqual(maildrop.user, "alice@example.org")
+        self.assertEqual(maildrop.count(), 2)
         self.deliver(b"Subject: three\n\nlate\n")
-        self.assertEqual(mailbox.count(), 2, "a message delivered after login is not seen")
-        self.assertEqual(mailbox.stat(), (2, sum(i.octets for _, i in mailbox.listing())))
+        self.assertEqual(maildrop.count(), 2, "a message delivered after login is not seen")
+        self.assertEqual(maildrop.stat(), (2, sum(i.octets for _, i in maildrop.listing())))
 
     def test_second_login_is_refused_while_the_first_holds_the_lock(self):
         _, _, logout = self.open()
         failure = self.failureResultOf(
-            self.realm.requestAvatar("alice@example.org", None, IMailbox))
-        failure.trap(MailboxLocked)
+            self.realm.requestAvatar("alice@example.org", None, IMaildrop))
+        failure.trap(MailboxInUse)
         logout()
         _, _, logout_again = self.open()
         logout_again()
@@ -67,7 +63,7 @@ class RealmTestCase(unittest.TestCase):
 
     def test_removed_user_is_unauthorized(self):
         failure = self.failureResultOf(
-            self.realm.requestAvatar("bob@example.org", None, IMailbox))
+            self.realm.requestAvatar("bob@example.org", None, IMaildrop))
         failure.trap(UnauthorizedLogin)
 
     def test_other_interfaces_are_not_served(self):
@@ -79,40 +75,40 @@ class RealmTestCase(unittest.TestCase):
         def broken(f, *args):
             return defer.fail(OSError("disk on fire"))
 
-        realm = MailboxRealm(self.users, self.store, broken)
-        failure = self.failureResultOf(realm.requestAvatar("alice@example.org", None, IMailbox))
+        realm = MaildropRealm(self.users, self.store, broken)
+        failure = self.failureResultOf(realm.requestAvatar("alice@example.org", None, IMaildrop))
         failure.trap(OSError)
         self.open()[2]()  # the lock is free again
 
     def test_message_numbers_and_deletion_marks(self):
         for n in range(3):
             self.deliver(b"Subject: %d\n\nbody\n" % n)
-        _, mailbox, logout = self.open()
+        _, maildrop, logout = self.open()
         self.addCleanup(logout)
         for bad in (0, 4, -1):
-            self.assertRaises(NoSuchMessage, mailbox.message, bad)
-        mailbox.delete(2)
-        self.assertEqual(str(self.assertRaises(NoSuchMessage, mailbox.message, 2)),
+            self.assertRaises(NoSuchMessage, maildrop.message, bad)
+        maildrop.delete(2)
+        self.assertEqual(str(self.assertRaises(NoSuchMessage, maildrop.message, 2)),
                          "Message 2 is deleted")
-        self.assertRaises(NoSuchMessage, mailbox.delete, 2)
-        self.assertEqual([n for n, _ in mailbox.listing()], [1, 3])
-        self.assertEqual(mailbox.stat()[0], 2)
-        self.assertEqual(mailbox.deleted_count, 1)
-        mailbox.undelete_all()
-        self.assertEqual(mailbox.stat()[0], 3)
-        self.assertEqual(mailbox.deleted_count, 0)
+        self.assertRaises(NoSuchMessage, maildrop.delete, 2)
+        self.assertEqual([n for n, _ in maildrop.listing()], [1, 3])
+        self.assertEqual(maildrop.stat()[0], 2)
+        self.assertEqual(maildrop.deleted_count, 1)
+        maildrop.undelete_all()
+        self.assertEqual(maildrop.stat()[0], 3)
+        self.assertEqual(maildrop.deleted_count, 0)
 
     def test_commit_removes_marked_and_marks_retrieved_seen(self):
         for n in range(3):
             self.deliver(b"Subject: %d\n\nbody\n" % n)
-        _, mailbox, logout = self.open()
-        uidls = [info.uidl for _, info in mailbox.listing()]
-        mailbox.delete(1)
-        mailbox.retrieved(2)
-        self.successResultOf(mailbox.commit())
+        _, maildrop, logout = self.open()
+        uidls = [info.uidl for _, info in maildrop.listing()]
+        maildrop.delete(1)
+        maildrop.retrieved(2)
+        self.successResultOf(maildrop.commit())
         logout()
         self.assertEqual(os.listdir(os.path.join(self.maildir.path, "new")),
-                         [os.path.basename(mailbox.message(3).path)])
+                         [os.path.basename(maildrop.message(3).path)])
         [seen] = os.listdir(os.path.join(self.maildir.path, "cur"))
         self.assertTrue(seen.endswith(":2,S"))
         after = [info.uidl for info in self.maildir.scan()]
@@ -120,14 +116,14 @@ class RealmTestCase(unittest.TestCase):
 
     def test_commit_with_nothing_to_do_touches_nothing(self):
         calls = []
-        mailbox = Mailbox("alice@example.org", self.maildir, [],
+        maildrop = Maildrop("alice@example.org", self.maildir, [],
                           lambda f, *a: calls.append(f))
-        self.successResultOf(mailbox.commit())
+        self.successResultOf(maildrop.commit())
         self.assertEqual(calls, [])
 
     def test_dropping_the_session_deletes_nothing(self):
         self.deliver(b"Subject: keep\n\nbody\n")
-        _, mailbox, logout = self.open()
-        mailbox.delete(1)
+        _, maildrop, logout = self.open()
+        maildrop.delete(1)
         logout()  # no commit: what a dropped connection does
         self.assertEqual(len(self.maildir.scan()), 1)

@@ -12,19 +12,19 @@ import os
 import random
 
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from popgate import config
+from popgate import config, lineproto
 from popgate.auth.users import UserDB, UserFile, hash_password
 from popgate.limits import ConnectionLimiter
-from popgate.smtp import server as smtp
-from popgate.smtp.delivery import commit_group, make_spares
+from popgate.smtp.delivery import Deliverer, Router, Verdict, commit_group, make_spares
+from popgate.smtp.reply import Reply
 from popgate.smtp.server import SMTPFactory
 from popgate.store.maildir import MaildirStore
 from tests.fakes import Deferring, synchronous
+from tests.transcript import SMTPConnection, observed_bus
 
 HOSTNAME = "mx.example.net"
 USERS = ("alice@example.org", "bob@example.org", "carol@example.net",
@@ -32,54 +32,7 @@ USERS = ("alice@example.org", "bob@example.org", "carol@example.net",
 
 
 
-class TLSRecordingTransport(StringTransport):
-    """A StringTransport that records ``startTLS`` and what was written before it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.tls_creator = None
-        self.written_before_tls: bytes | None = None
-
-    def startTLS(self, creator) -> None:
-        self.tls_creator = creator
-        self.written_before_tls = self.value()
-
-
-class Client:
-    """One connection: ``send`` bytes, get back the replies written since the last call."""
-
-    def __init__(self, factory, host: str = "192.0.2.10"):
-        address = IPv4Address("TCP", host, 40000)
-        self.transport = TLSRecordingTransport(peerAddress=address)
-        self.protocol = factory.buildProtocol(address)
-        self.protocol.makeConnection(self.transport)
-        self._read = 0
-
-    def send(self, data: bytes) -> list[str]:
-        self.protocol.dataReceived(data)
-        return self.replies()
-
-    def replies(self) -> list[str]:
-        """New complete replies; a multi-line reply is one item, its lines joined by LF."""
-        output = self.transport.value()[self._read:]
-        replies, current = [], []
-        consumed = 0
-        for line in output.split(b"\r\n")[:-1]:
-            consumed += len(line) + 2
-            current.append(line.decode("utf-8"))
-            if line[3:4] != b"-":
-                replies.append("\n".join(current))
-                current = []
-                self._read += consumed
-                consumed = 0
-        return replies
-
-    @property
-    def closed(self) -> bool:
-        return self.transport.disconnecting
-
-    def disconnect(self) -> None:
-        self.protocol.connectionLost(None)
+Client = SMTPConnection
 
 
 class SMTPFixture:
@@ -102,14 +55,18 @@ class SMTPFixture:
 
     def make_factory(self, *, lmtp=False, implicit_tls=False, tls=None,
                      run_in_thread=synchronous, limiter=None, config=None, spares=0,
-                     **overrides):
+                     checks=(), **overrides):
         self.config = config or self.make_config(**overrides)
         self.store = MaildirStore(self.config.mail_root, HOSTNAME)
         self.limiter = limiter or ConnectionLimiter(100, 100)
+        self.events, self.recorder = observed_bus(self.clock)
+        self.deliverer = Deliverer(self.store, run_in_thread, hostname=HOSTNAME,
+                                   now=self.clock.seconds, spares=spares, checks=checks)
+        self.addCleanup(self.deliverer.close)
         self.factory = SMTPFactory(
-            config=self.config, users=UserDB(self.config.users_file), store=self.store,
-            clock=self.clock, run_in_thread=run_in_thread, limiter=self.limiter, tls=tls,
-            lmtp=lmtp, implicit_tls=implicit_tls, spares=spares)
+            config=self.config, router=Router(self.config, UserDB(self.config.users_file)),
+            deliverer=self.deliverer, clock=self.clock, limiter=self.limiter,
+            events=self.events, tls=tls, lmtp=lmtp, implicit_tls=implicit_tls)
         return self.factory
 
     def connect(self, host: str = "192.0.2.10") -> Client:
@@ -412,9 +369,8 @@ class DeliveryTests(SMTPFixture, TestCase):
         self.assertTrue(second.endswith(b"\n\nHello Alice.\n"))
         self.assertEqual(first.split(b"\n", 3)[3].split(b";", 1)[0].split(b" id ")[0],
                          second.split(b"\n", 3)[3].split(b";", 1)[0].split(b" id ")[0])
-        # When the listener stops, the spares go.
-        self.factory.doStart()
-        self.factory.doStop()
+        # When the server stops, the spares go.
+        self.deliverer.close()
         self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
 
     def test_message_data_waits_for_its_file_within_a_bound(self):
@@ -489,20 +445,25 @@ class DeliveryTests(SMTPFixture, TestCase):
 
     def test_session_is_logged(self):
         events = []
-        from twisted.logger import globalLogPublisher
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         client = self.connect()
         client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"QUIT\r\n")
         client.disconnect()
-        from twisted.logger import formatEvent
-        lines = [formatEvent(e) for e in events if e.get("log_namespace", "").startswith(
-            "popgate.smtp.server")]
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "popgate.session"]
         self.assertEqual(len(lines), 3, lines)
-        self.assertIn("SMTP connection from 192.0.2.10:40000", lines[0])
-        self.assertRegex(lines[1], r"delivered from <sender@remote.example> to "
-                                   r"alice@example.org \(\d+ octets\)")
-        self.assertIn("closed; 1 message(s) accepted, no TLS", lines[2])
+        session = self.recorder.events[0].session.id
+        self.assertEqual(lines[0], f"SMTP [{session}] 192.0.2.10:40000 connected")
+        [stored] = self.maildir_files("alice@example.org")
+        with open(stored, "rb") as f:
+            content = f.read()
+        size, lines_in_file = len(content), content.count(b"\n")
+        self.assertRegex(lines[1], rf"^SMTP \[{session}\] 192.0.2.10:40000 \w{{13}}: delivered "
+                                   rf"from <sender@remote.example> to alice@example.org "
+                                   rf"\({size} octets stored, {size + lines_in_file} as LIST "
+                                   rf"reports them\)$")
+        self.assertRegex(lines[2], rf"^SMTP \[{session}\] 192.0.2.10:40000 closed \(quit\): "
+                                   rf"1 message\(s\) accepted 0.0 s$")
 
 
     def test_delivery_log_line_keeps_braces_and_fields(self):
@@ -516,13 +477,12 @@ class DeliveryTests(SMTPFixture, TestCase):
         client.send(EHLO + b"MAIL FROM:<{peer}{0}@remote.example>\r\n" + RCPT_ALICE
                     + b"DATA\r\n" + MESSAGE)
         [event] = [e for e in events if "delivered" in e.get("log_format", "")]
-        self.assertRegex(formatEvent(event), r"^\w{13}: delivered from "
-                                             r"<\{peer\}\{0\}@remote.example> to "
-                                             r"alice@example.org \(\d+ octets\) for "
-                                             r"192.0.2.10:40000$")
+        self.assertRegex(formatEvent(event), r"^SMTP \[\w+\] 192.0.2.10:40000 \w{13}: "
+                                             r"delivered from <\{peer\}\{0\}@remote.example> "
+                                             r"to alice@example.org \(\d+ octets stored")
         self.assertEqual(event["sender"], "{peer}{0}@remote.example")
-        self.assertEqual(event["rcpts"], "alice@example.org")
-        self.assertEqual(event["peer"], "192.0.2.10:40000")
+        self.assertEqual(event["users"], ("alice@example.org",))
+        self.assertEqual(event["client"], "192.0.2.10:40000")
 
 class SequenceAndSyntaxTests(SMTPFixture, TestCase):
     def test_expn_is_recognised_but_not_available(self):
@@ -917,13 +877,12 @@ class STARTTLSTests(SMTPFixture, TestCase):
     def test_injected_commands_are_discarded(self):
         client = self.connect()
         client.send(EHLO)
-        before = client.transport.value()
         replies = client.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@remote.example>\r\n")
         self.assertEqual(replies, ["220 2.0.0 Ready to start TLS"])
         self.assertIs(client.transport.tls_creator, self.creator)
+        # Nothing was written after the 220 that precedes the handshake.
         self.assertEqual(client.transport.written_before_tls,
-                         before + b"220 2.0.0 Ready to start TLS\r\n")
-        self.assertEqual(client.transport.value(), client.transport.written_before_tls)
+                         b"220 2.0.0 Ready to start TLS\r\n")
         # After the handshake: a fresh session that needs EHLO, and no injected MAIL.
         self.assertReplies(client.send(RCPT_ALICE), ["503 5.5.1"])
         self.assertReplies(client.send(MAIL), ["503 5.5.1"])
@@ -1026,7 +985,7 @@ class TimeoutTests(SMTPFixture, TestCase):
         self.assertTrue(client.closed)
         # The transport could not flush (the peer reads nothing): connectionLost is
         # never called, so the session must end itself.
-        self.clock.advance(smtp.CLOSE_GRACE - 1)
+        self.clock.advance(lineproto.CLOSE_GRACE - 1)
         self.assertFalse(getattr(client, "aborted", False))
         self.clock.advance(1)
         self.assertTrue(getattr(client, "aborted", False))
@@ -1145,8 +1104,8 @@ class AbuseTests(SMTPFixture, TestCase):
         client = self.connect()
         replies = client.send(EHLO + MAIL + RCPT_ALICE + b"NOOP\r\n")
         self.assertReplies(replies, ["250-", "250", "451 4.3.0", "250 2.0.0"])
-        self.assertNotIn(b"secret", client.transport.value())
-        self.assertNotIn(b"Traceback", client.transport.value())
+        self.assertNotIn(b"secret", client.output)
+        self.assertNotIn(b"Traceback", client.output)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_internal_error_during_data_closes_the_session(self):
@@ -1156,7 +1115,7 @@ class AbuseTests(SMTPFixture, TestCase):
         def broken(data):
             raise RuntimeError("secret internals")
 
-        client.protocol._decoder.feed = broken
+        client.protocol.message.data_decoder.feed = broken
         self.assertReplies(client.send(b"x\r\nRSET\r\n"), ["451 4.3.0"])
         self.assertTrue(client.closed)
         self.assertEqual(self.maildir_files("alice@example.org", "tmp"), [])
@@ -1179,10 +1138,93 @@ class AbuseTests(SMTPFixture, TestCase):
                 size = rng.randrange(1, 64)
                 client.protocol.dataReceived(soup[position:position + size])
                 position += size
-            output = client.transport.value()
+            output = client.output
             self.assertNotIn(b"Traceback", output)
             for line in output.split(b"\r\n")[:-1]:
                 self.assertRegex(line, rb"^[2-5]\d\d[ -]", soup)
             self.assertNotIn(b"\r\n451 ", b"\r\n" + output, soup)
             client.disconnect()
         self.assertEqual(self.limiter.total, 0)
+
+
+class MessageCheckTests(SMTPFixture, TestCase):
+    """The seam between the end of data and 250: checks the protocol knows nothing of."""
+
+    def test_a_check_adds_a_header_above_the_trace_headers(self):
+        seen = []
+
+        class Stamp:
+            def check(self, transaction):
+                with transaction.open_content() as content:
+                    seen.append(content.read())
+                return Verdict(headers=("Authentication-Results: mx.example.net; none",))
+
+        big = b"Subject: big\r\n\r\n" + b"x" * 70 + b"\r\n" * 2000  # past one write buffer
+        for body in (MESSAGE, big + b".\r\n"):
+            self.make_factory(checks=[Stamp()])
+            client = self.connect()
+            replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + body)
+            self.assertReplies(replies, ["250-", "250", "250", "354", "250 2.0.0 Ok"])
+            [message] = self.take_mail("alice@example.org")
+            self.assertTrue(message.startswith(
+                b"Authentication-Results: mx.example.net; none\nReturn-Path: <"), message[:80])
+            self.assertEqual(seen.pop(), body[:-3].replace(b"\r\n", b"\n"))
+            [delivered] = self.recorder.of("message", action="delivered")
+            self.assertEqual(delivered.data["octets"], len(message))
+
+    def test_a_refusing_check_stops_the_later_ones_and_stores_nothing(self):
+        later = []
+
+        class Refuse:
+            def check(self, transaction):
+                return defer.succeed(Verdict(reply=Reply(550, "5.7.1", "Rejected by policy")))
+
+        class Later:
+            def check(self, transaction):
+                later.append(transaction)
+                return Verdict()
+
+        self.make_factory(checks=[Refuse(), Later()])
+        client = self.connect()
+        replies = client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n" + MESSAGE + b"NOOP\r\n")
+        self.assertReplies(replies, ["250-", "250", "250", "354",
+                                     "550 5.7.1 Rejected by policy", "250 2.0.0 Ok"])
+        self.assertEqual(later, [])
+        self.check_nothing_stored()
+        self.assertEqual(self.recorder.of("message"), [])
+
+
+class SessionEventTests(SMTPFixture, TestCase):
+    def test_a_session_publishes_what_it_does(self):
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"RCPT TO:<nobody@example.org>\r\n"
+                    + b"DATA\r\n" + MESSAGE + b"QUIT\r\n")
+        client.disconnect()  # what the reactor does once the 221 is flushed
+        kinds = [e.kind for e in self.recorder.events]
+        self.assertEqual(kinds[0], "connected")
+        self.assertEqual(kinds[-1], "closed")
+        commands = [e.data["line"] for e in self.recorder.of("command")]
+        self.assertEqual(commands, ["EHLO client.example", "MAIL FROM:<sender@remote.example>",
+                                    "RCPT TO:<alice@example.org>",
+                                    "RCPT TO:<nobody@example.org>", "DATA", "QUIT"])
+        replies = [e.data["line"] for e in self.recorder.of("reply")]
+        self.assertEqual(replies[0], f"220 {HOSTNAME} ESMTP popgate")
+        self.assertTrue(replies[-2].startswith("250 2.0.0 Ok: queued as "))
+        [refused] = self.recorder.of("refused")
+        self.assertEqual(refused.data["reply"],
+                         "550 5.1.1 <nobody@example.org>: no such user here")
+        [delivered] = self.recorder.of("message")
+        self.assertEqual(delivered.data["recipients"], ("alice@example.org",))
+        [stored] = self.maildir_files("alice@example.org")
+        with open(stored, "rb") as f:
+            content = f.read()
+        self.assertEqual(delivered.data["octets"], len(content))
+        self.assertEqual(delivered.data["list_octets"], len(content) + content.count(b"\n"))
+        [closed] = self.recorder.of("closed")
+        self.assertEqual((closed.data["reason"], closed.data["messages"]), ("quit", 1))
+        ids = {e.session.id for e in self.recorder.events}
+        self.assertEqual(len(ids), 1)
+
+    def test_two_sessions_from_one_host_have_their_own_ids(self):
+        first, second = self.connect(), self.connect()
+        self.assertNotEqual(first.protocol.info.id, second.protocol.info.id)

@@ -1,14 +1,16 @@
 """The POP3 realm: what a successful login opens, and what logging out releases.
 
-:class:`MailboxRealm` is the ``twisted.cred`` realm behind the POP3 portal.  For an
+This is the only way the POP3 protocol reaches mail: it never imports the store.
+:class:`MaildropRealm` is the ``twisted.cred`` realm behind the POP3 portal.  For an
 authenticated user it takes the user's exclusive Maildir lock (a ``flock``, so a second
 session in this process or in another popgate process on the same mail root is refused
-with :class:`~popgate.store.maildir.MailboxLocked`), scans the Maildir once and hands back a
-:class:`Mailbox`: the maildrop snapshot of RFC 1939 §4.  Messages delivered after the
-scan are not seen until the next session.
+with :class:`MailboxInUse`), scans the Maildir once and hands back a :class:`Maildrop`:
+the maildrop snapshot of RFC 1939 §4, whose :meth:`Maildrop.open` gives a message's
+stored bytes as a binary stream.  Messages delivered after the scan are not seen until
+the next session.
 
-A :class:`Mailbox` only *marks* messages.  The Maildir changes in one place,
-:meth:`Mailbox.commit`, which the protocol calls in the UPDATE state (QUIT); it unlinks
+A :class:`Maildrop` only *marks* messages.  The Maildir changes in one place,
+:meth:`Maildrop.commit`, which the protocol calls in the UPDATE state (QUIT); it unlinks
 the marked files and moves the retrieved ones from ``new/`` to ``cur/``.  The logout
 callable returned with the avatar releases the lock and deletes nothing, which is what a
 dropped connection or a timeout must do (RFC 1939 §6).
@@ -21,6 +23,7 @@ is taken on the reactor thread: it is a non-blocking ``flock``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm
@@ -28,7 +31,7 @@ from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from popgate.auth.users import UserDB
-from popgate.store.maildir import Maildir, MaildirStore, MessageInfo
+from popgate.store.maildir import MailboxLocked, Maildir, MaildirStore, MessageInfo
 
 RunInThread = Callable[..., defer.Deferred]
 
@@ -37,7 +40,12 @@ class NoSuchMessage(Exception):
     """A message number the client may not use; ``str()`` is the text for ``-ERR``."""
 
 
-class IMailbox(Interface):
+class MailboxInUse(Exception):
+    """Another session (in this process or another one on the same mail root) holds the
+    user's mailbox: RFC 2449 §8.1.2 ``[IN-USE]``."""
+
+
+class IMaildrop(Interface):
     """A POP3 maildrop: a numbered snapshot of one user's messages, with deletion marks.
 
     Message numbers are those of RFC 1939: 1 to :meth:`count`, fixed for the session;
@@ -46,7 +54,9 @@ class IMailbox(Interface):
 
     user = Attribute("The normalised name of the user (local@domain).")
     retrieved_count = Attribute("How many distinct messages RETR has sent so far.")
+    retrieved_octets = Attribute("Their octets, as LIST reports them.")
     deleted_count = Attribute("How many messages are marked deleted.")
+    deleted_octets = Attribute("Their octets, as LIST reports them.")
 
     def count() -> int:
         """The number of messages in the snapshot, deleted ones included."""
@@ -56,6 +66,10 @@ class IMailbox(Interface):
 
     def message(number: int) -> MessageInfo:
         """The message ``number``; raise NoSuchMessage if it does not exist or is deleted."""
+
+    def open(number: int) -> BinaryIO:
+        """Message ``number`` as stored (LF line ends), a binary stream the caller closes;
+        raise NoSuchMessage as :meth:`message` does, OSError if it cannot be read."""
 
     def listing() -> list[tuple[int, MessageInfo]]:
         """``(number, message)`` for every message not marked deleted, in order."""
@@ -73,8 +87,8 @@ class IMailbox(Interface):
         """UPDATE state: remove the marked messages, mark the retrieved ones seen."""
 
 
-@implementer(IMailbox)
-class Mailbox:
+@implementer(IMaildrop)
+class Maildrop:
     """The maildrop snapshot of one POP3 session."""
 
     def __init__(self, user: str, maildir: Maildir, messages: list[MessageInfo],
@@ -93,6 +107,14 @@ class Mailbox:
         return len(self._retrieved)
 
     @property
+    def retrieved_octets(self) -> int:
+        return sum(self._messages[n - 1].octets for n in self._retrieved)
+
+    @property
+    def deleted_octets(self) -> int:
+        return self._deleted_octets
+
+    @property
     def deleted_count(self) -> int:
         return len(self._deleted)
 
@@ -109,6 +131,9 @@ class Mailbox:
         if number in self._deleted:
             raise NoSuchMessage(f"Message {number} is deleted")
         return self._messages[number - 1]
+
+    def open(self, number: int) -> BinaryIO:
+        return open(self.message(number).path, "rb")  # noqa: SIM115 - the caller closes it
 
     def listing(self) -> list[tuple[int, MessageInfo]]:
         if not self._deleted:
@@ -134,18 +159,18 @@ class Mailbox:
         seen = [self._messages[n - 1] for n in sorted(self._retrieved - self._deleted)]
         if not doomed and not seen:
             return defer.succeed(None)
-        return self._run_in_thread(_apply_update, self._maildir, doomed, seen)
+        return self._run_in_thread(apply_update, self._maildir, doomed, seen)
 
 
-def _apply_update(maildir: Maildir, doomed: list[MessageInfo], seen: list[MessageInfo]):
+def apply_update(maildir: Maildir, doomed: list[MessageInfo], seen: list[MessageInfo]):
     """Runs in a thread: the Maildir side of the UPDATE state (RFC 1939 §6)."""
     maildir.remove(doomed)
     maildir.mark_seen(seen)
 
 
 @implementer(IRealm)
-class MailboxRealm:
-    """Opens a locked :class:`Mailbox` for a user the checker has authenticated."""
+class MaildropRealm:
+    """Opens a locked :class:`Maildrop` for a user the checker has authenticated."""
 
     def __init__(self, users: UserDB, store: MaildirStore, run_in_thread: RunInThread):
         self._users = users
@@ -153,14 +178,14 @@ class MailboxRealm:
         self._run_in_thread = run_in_thread
 
     def requestAvatar(self, avatarId, mind, *interfaces) -> defer.Deferred:
-        """Fire with ``(IMailbox, mailbox, logout)``.
+        """Fire with ``(IMaildrop, maildrop, logout)``.
 
-        Fails with MailboxLocked when another session holds the mailbox, with
+        Fails with MailboxInUse when another session holds the mailbox, with
         UnauthorizedLogin when the user was removed since the password check, and with
         the underlying error when the Maildir cannot be read (the lock is then released).
         """
-        if IMailbox not in interfaces:
-            return defer.fail(NotImplementedError("popgate's realm only serves IMailbox"))
+        if IMaildrop not in interfaces:
+            return defer.fail(NotImplementedError("popgate's realm only serves IMaildrop"))
         return defer.maybeDeferred(self._open, avatarId)
 
     def _open(self, name: str) -> defer.Deferred:
@@ -168,11 +193,14 @@ class MailboxRealm:
         if user is None:
             raise UnauthorizedLogin()
         maildir = self._store.maildir(user)
-        lock = maildir.lock()
+        try:
+            lock = maildir.lock()
+        except MailboxLocked:
+            raise MailboxInUse() from None
 
         def opened(messages: list[MessageInfo]):
-            mailbox = Mailbox(user.name, maildir, messages, self._run_in_thread)
-            return IMailbox, mailbox, lock.release
+            maildrop = Maildrop(user.name, maildir, messages, self._run_in_thread)
+            return IMaildrop, maildrop, lock.release
 
         def failed(failure):
             lock.release()

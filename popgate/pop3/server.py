@@ -12,32 +12,25 @@ Wire format: command lines are at most 255 octets including CRLF (RFC 2449 §4);
 line is answered ``-ERR`` once its LF arrives and is never buffered whole (the excess is
 discarded as it comes).  SASL client responses (RFC 5034 §4) may be up to
 :data:`MAX_SASL_LINE` octets.  Multi-line replies are dot-stuffed and end with
-``CRLF.CRLF`` (RFC 1939 §3).  Message bodies are read from the Maildir in
+``CRLF.CRLF`` (RFC 1939 §3).  Message bodies are read from the maildrop's stream in
 :attr:`POP3Server.block_size` blocks and converted (LF -> CRLF, dot-stuffing) by
 :class:`~popgate.codec.DotEncoder`, so a message of any size never sits in memory; the
 sizes in STAT, LIST and the RETR ``+OK`` are the CRLF octets of the message as sent,
-before dot-stuffing, taken from the Maildir file name.
+before dot-stuffing, as the realm reports them.
 
-Authentication goes through a ``twisted.cred`` portal (:class:`twisted.cred.portal.Portal`)
-with :class:`~popgate.pop3.realm.IMailbox` avatars; the realm takes the mailbox lock.  Login
-timing follows :class:`~popgate.auth.penalty.AuthPenalty` (reactor timers, never a blocked
-thread): an attempt from an address with earlier failures first waits out the address's
-current delay, and only then is the password checked, so a guesser that hangs up early
-costs no hashing and learns nothing from how fast an answer comes; a failure is answered
-the address's new delay after the attempt began (2 s, 4 s, 8 s, ... with the defaults).
-Plaintext mechanisms (USER/PASS, AUTH PLAIN) are refused and not advertised on a
-connection that is neither TLS nor loopback unless ``tls.allow_plaintext_auth`` is set
-(RFC 2595 §2.3, issue 5).
+Mail is reached only through the realm's :class:`~popgate.pop3.realm.IMaildrop`; logins
+only through the shared :class:`~popgate.auth.login.Authenticator` (penalty delays, the
+bound per address, the portal) and :mod:`popgate.auth.sasl`.  Plaintext mechanisms
+(USER/PASS, AUTH PLAIN) are refused and not advertised on a connection that is neither
+TLS nor loopback unless ``tls.allow_plaintext_auth`` is set (RFC 2595 §2.3).
 
-Flow control and concurrency: everything runs on the reactor thread; slow work (password
-hashing, Maildir scans and updates) is done in threads by the checker and the realm, and
-message files are read in bounded blocks, as ``twisted.protocols.basic.FileSender`` does.
-The session registers itself with its transport as a streaming producer for its whole
-life: when the client stops reading, a message stream pauses and no further command is
-run, so a client that pipelines without reading gets no more replies queued; its input
-waits in a buffer of at most :data:`MAX_PENDING_INPUT` octets, past which the session is
-closed.  While a command is in progress (a login, a message stream, the UPDATE state)
-the transport is paused and later pipelined commands wait, to run in order afterwards.
+Flow control: the input loop, back-pressure, the push producer and closing come from
+:mod:`popgate.lineproto`.  A login, a message stream and the UPDATE state are the
+session's *operation*: while one is in progress, later pipelined commands wait, to run in
+order afterwards; a stream pauses while the client does not read.
+
+Everything the session does is published on the :class:`~popgate.events.EventBus`, with
+secrets (PASS, APOP digests, SASL responses) replaced by ``********`` before publishing.
 
 Timeouts (RFC 1939 §3): ``pop3.auth_timeout`` of inactivity before login,
 ``pop3.idle_timeout`` (at least 10 minutes) after it, and ``pop3.max_session_time`` in
@@ -48,34 +41,29 @@ UPDATE, exactly as RFC 1939 §3 prescribes: nothing is deleted and the lock is r
 from __future__ import annotations
 
 import base64
-import binascii
-import contextlib
 import enum
 import os
 import secrets
 from collections.abc import Callable
+from typing import BinaryIO
 
 from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, interfaces, protocol
+from twisted.internet import defer, interfaces
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from popgate import __version__
-from popgate.auth.penalty import ChecksPerAddress
+from popgate.auth import sasl
+from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
 from popgate.auth.users import APOPCredentials
 from popgate.codec import DotEncoder
-from popgate.limits import is_loopback
-from popgate.loglimit import LogLimiter
-from popgate.pop3.realm import IMailbox, NoSuchMessage
-from popgate.store.maildir import MailboxLocked, MessageInfo
+from popgate.lineproto import LineSession, SessionFactory
+from popgate.pop3.realm import IMaildrop, MailboxInUse, NoSuchMessage
 
 MAX_COMMAND_LINE = 255  # octets including CRLF, RFC 2449 §4
 MAX_SASL_LINE = 2048  # a PLAIN response with a long name and a long password
 MAX_CONSECUTIVE_ERRORS = 10
-MAX_PENDING_INPUT = 256 * 1024  # pipelined input held while a command is in progress
 BLOCK_SIZE = 64 * 1024
-CLOSE_GRACE = 30.0  # seconds a closing connection may take to flush before it is cut
+SECRET = "********"  # what the trace shows instead of a password or SASL response
 
 log = Logger()
 
@@ -100,14 +88,24 @@ COMMANDS = {
     "DELE": _TRANSACTION, "NOOP": _TRANSACTION, "RSET": _TRANSACTION,
     "TOP": _TRANSACTION, "UIDL": _TRANSACTION,
 }
+# Commands whose argument is (or holds) a secret: the trace shows the command only.
+_SECRET_ARGUMENTS = {"PASS": 0, "APOP": 1, "AUTH": 1}  # words of the argument kept
 
 _TOO_LONG = object()  # what the line reader returns for a discarded over-long line
 _PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection"
 
 
-def host_of(address) -> str:
-    """The client IP of an address; UNIX sockets and the like count as local."""
-    return getattr(address, "host", None) or "local"
+def redact(line: bytes) -> str:
+    """The command line as the trace may show it: secrets replaced by ``********``."""
+    text = line.decode("utf-8", "replace")
+    keyword, _, argument = text.partition(" ")
+    kept = _SECRET_ARGUMENTS.get(keyword.upper())
+    if kept is None or not argument:
+        return text
+    words = argument.split()
+    if len(words) <= kept:
+        return text
+    return " ".join([keyword, *words[:kept], SECRET])
 
 
 class _TopFilter:
@@ -146,8 +144,8 @@ class _TopFilter:
 class _MessageStream:
     """One message file on its way to the client, as dot-stuffed CRLF chunks."""
 
-    def __init__(self, path: str, block_size: int, body_lines: int | None):
-        self._file = open(path, "rb")  # noqa: SIM115 - closed by close()
+    def __init__(self, file: BinaryIO, block_size: int, body_lines: int | None):
+        self._file = file
         # Maildir messages never change once delivered: knowing the size lets the last
         # block carry the terminator, so a small message is a single write.
         self._remaining = os.fstat(self._file.fileno()).st_size
@@ -174,112 +172,82 @@ class _MessageStream:
         self._file.close()
 
 
-@implementer(interfaces.IPushProducer)
-class POP3Server(protocol.Protocol):
+
+class POP3Server(LineSession):
     """One POP3 session.  Built by :class:`POP3Factory`, which holds the settings."""
 
     block_size = BLOCK_SIZE
 
-    def __init__(self, factory: POP3Factory, release: Callable[[], None]):
-        self.factory = factory
-        self._release_slot = release
+    def __init__(self, factory: POP3Factory, slot_host: str):
+        super().__init__(factory, slot_host)
         self._config = factory.config.pop3
-        self._clock = factory.clock
         self.state = State.AUTHORIZATION
         self._buffer = bytearray()
         self._discarding = False  # inside an over-long line, waiting for its LF
-        self._processing = False
-        self._busy = False  # a login, a delayed answer or the UPDATE state is in progress
         self._stream: _MessageStream | None = None
         self._retrieval: int | None = None  # the message number a RETR is sending
-        self._output_paused = False
-        self._reading = True
-        self._closing = False
-        self._disconnected = False
-        self._close_reason = "client closed the connection"
         self._tls_started = False
+        self.disconnected = False
         self._user_name: bytes | None = None
-        self._sasl_mechanism: str | None = None
+        self._sasl: sasl.Exchange | None = None
         self._apop_timestamp = b""
         self._errors = 0
         self._auth_failures = 0
-        self._mailbox = None
+        self._maildrop = None
         self._logout: Callable[[], None] | None = None
-        self._update = None  # the Deferred of a commit in progress
-        self._deleted_count = 0
-        self._delayed = None
+        self._login: defer.Deferred | None = None
+        self._answer_call = None
+        self._update: defer.Deferred | None = None  # the UPDATE in progress
+        self._removed = (0, 0)  # messages and octets the UPDATE state removed
         self._idle_timer = None
         self._session_timer = None
-        self._abort_timer = None
 
     # -- connection life ---------------------------------------------------------------
 
-    def connectionMade(self) -> None:
-        self._set_no_delay()
-        self.transport.registerProducer(self, True)
-        self._idle_timer = self._clock.callLater(self._config.auth_timeout, self._timed_out,
-                                                 "idle timeout")
-        self._session_timer = self._clock.callLater(self._config.max_session_time,
-                                                    self._timed_out, "session time limit")
-        log.info("POP3 connection from {peer} ({tls})", peer=self._peer_host(),
-                 tls=self._tls_label())
+    def greet(self) -> None:
+        self._idle_timer = self.clock.callLater(self._config.auth_timeout, self._timed_out,
+                                                "idle timeout")
+        self._session_timer = self.clock.callLater(self._config.max_session_time,
+                                                   self._timed_out, "session time limit")
         greeting = b"+OK popgate ready."
         if self._config.apop:
             self._apop_timestamp = self.factory.apop_timestamp()
             greeting += b" " + self._apop_timestamp
         self._send(greeting)
+        self._publish_state()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._disconnected = self._closing = True
-        for call in (self._idle_timer, self._session_timer, self._delayed, self._abort_timer):
+    def ended(self, reason: str) -> None:
+        self.disconnected = True
+        for call in (self._idle_timer, self._session_timer, self._answer_call):
             if call is not None and call.active():
                 call.cancel()
+        if self._login is not None:
+            self._login.cancel()
         self._drop_stream()
-        self._release_slot()
         if self._update is None:  # else the UPDATE under way logs out when it is done
             self._log_out()
-        log.info("POP3 session from {peer} closed ({reason}): user={user} {tls} "
-                 "retrieved={retrieved} deleted={deleted}", peer=self._peer_host(),
-                 reason=self._close_reason, user=self._mailbox.user if self._mailbox else "-",
-                 tls=self._tls_label(), deleted=self._deleted_count,
-                 retrieved=self._mailbox.retrieved_count if self._mailbox else 0)
+        maildrop = self._maildrop
+        self.events.publish(
+            "closed", self.info, reason=reason, user=maildrop.user if maildrop else None,
+            duration=self.clock.seconds() - self.started_at,
+            retrieved=maildrop.retrieved_count if maildrop else 0,
+            retrieved_octets=maildrop.retrieved_octets if maildrop else 0,
+            deleted=self._removed[0], deleted_octets=self._removed[1],
+            tls=self._tls_label())
 
-    def _set_no_delay(self) -> None:
-        # Small replies to pipelined commands must not wait for Nagle's algorithm.
-        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_no_delay is not None:
-            with contextlib.suppress(OSError):  # not a TCP socket (UNIX socket)
-                set_no_delay(True)
-
-    def _close(self, reason: str) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        self._close_reason = reason
+    def close(self, reason: str) -> None:
         self._drop_stream()
-        # A registered producer would keep the transport open after loseConnection.
-        self.transport.unregisterProducer()
-        if not self._reading:
-            # A TLS layer must read the peer's close_notify to finish closing.
-            self.transport.resumeProducing()
-        self.transport.loseConnection()
-        # A peer that does not read would keep the connection (and its slot) forever.
-        self._abort_timer = self._clock.callLater(CLOSE_GRACE, self.transport.abortConnection)
+        super().close(reason)
 
     def _timed_out(self, reason: str) -> None:
         # RFC 1939 §3: close without a response and without entering UPDATE.
-        self._close(reason)
+        self.close(reason)
 
     def _reset_idle_timer(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
             timeout = (self._config.auth_timeout if self.state is State.AUTHORIZATION
                        else self._config.idle_timeout)
             self._idle_timer.reset(timeout)
-
-    def _peer_host(self) -> str:
-        # Asked each time, not cached: behind a PROXY-protocol listener the real peer is
-        # known only once the header has been parsed.
-        return host_of(self.transport.getPeer())
 
     def _secure(self) -> bool:
         return (self.factory.implicit_tls or self._tls_started
@@ -289,76 +257,36 @@ class POP3Server(protocol.Protocol):
         return "TLS" if self._secure() else "plaintext"
 
     def _plaintext_allowed(self) -> bool:
-        return (self._secure() or is_loopback(self._peer_host())
-                or self.factory.config.tls.allow_plaintext_auth)
+        return plaintext_allowed(self._secure(), self.client_host,
+                                 self.factory.config.tls.allow_plaintext_auth)
 
-    # -- IPushProducer: the transport's write buffer is full / has drained ---------------
-
-    def pauseProducing(self) -> None:
-        self._output_paused = True
-
-    def resumeProducing(self) -> None:
-        self._output_paused = False
-        self._pump_stream()
-        self._process_input()
-
-    def stopProducing(self) -> None:
-        self._drop_stream()
+    def _publish_state(self) -> None:
+        self.events.publish("state", self.info, state=self.state.value)
 
     # -- input ---------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
+    def receive(self, data: bytes) -> None:
         self._buffer += data
-        if len(self._buffer) > MAX_PENDING_INPUT:
-            self._send(b"-ERR Too much pipelined input")
-            self._close("too much pipelined input")
-            return
-        self._process_input()  # ends with _update_reading(): back-pressure if still full
 
-    def _command_in_progress(self) -> bool:
-        return self._busy or self._stream is not None
+    def backlog(self) -> int:
+        return len(self._buffer)
 
-    def _can_process(self) -> bool:
-        return not (self._command_in_progress() or self._output_paused or self._closing)
+    def overflow(self) -> None:
+        self._send(b"-ERR Too much pipelined input")
+        self.close("too much pipelined input")
 
-    def _process_input(self) -> None:
-        """Run the complete lines in the buffer, in order, while nothing is in progress."""
-        if self._processing:
-            return  # an outer call on the stack continues the loop
-        self._processing = True
-        try:
-            while self._can_process():
-                line = self._next_line()
-                if line is None:
-                    break
-                self._handle_line(line)
-        finally:
-            self._processing = False
-        self._update_reading()
+    def step(self) -> bool:
+        line = self._next_line()
+        if line is None:
+            return False
+        self._handle_line(line)
+        return True
 
-    def _update_reading(self) -> None:
-        """Stop reading while a command is in progress or half the input bound is used.
-
-        A full output buffer alone does not stop reading: a TLS layer still handshaking
-        pauses us and must read to finish.  A client that pipelines without reading our
-        replies fills the input buffer instead, and reading stops at half of its bound
-        (back-pressure); the session is closed only if one read overshoots the bound.
-        """
-        if self._closing:
-            return
-        want = (not self._command_in_progress()
-                and len(self._buffer) < MAX_PENDING_INPUT // 2)
-        if want != self._reading:
-            self._reading = want
-            if want:
-                self.transport.resumeProducing()
-            else:
-                self.transport.pauseProducing()
+    def output_resumed(self) -> None:
+        self._pump_stream()
 
     def _line_limit(self) -> int:
-        if self._sasl_mechanism is not None or bytes(self._buffer[:5]).upper() == b"AUTH ":
+        if self._sasl is not None or bytes(self._buffer[:5]).upper() == b"AUTH ":
             return MAX_SASL_LINE
         return MAX_COMMAND_LINE
 
@@ -389,14 +317,18 @@ class POP3Server(protocol.Protocol):
         self._reset_idle_timer()
         try:
             if line is _TOO_LONG:
-                self._sasl_mechanism = None
+                self._sasl = None
                 self._fail(b"-ERR Line too long")
-            elif self._sasl_mechanism is not None:
+            elif self._sasl is not None:
+                if self.events.wants("command"):
+                    self.events.publish("command", self.info, line=SECRET)
                 self._sasl_response(line)
             else:
+                if self.events.wants("command"):
+                    self.events.publish("command", self.info, line=redact(line))
                 self._command(line)
         except Exception:
-            log.failure("POP3 internal error for {peer}", peer=self._peer_host())
+            log.failure("POP3 internal error for {peer}", peer=self.info.client)
             self._internal_error()
 
     def _command(self, line: bytes) -> None:
@@ -418,8 +350,16 @@ class POP3Server(protocol.Protocol):
 
     # -- output --------------------------------------------------------------------------
 
+    def _write(self, data: bytes, lines: int = 1, summary: str | None = None) -> None:
+        """Write one reply (its status line first) and show it to observers."""
+        self.transport.write(data)
+        if self.events.wants("reply"):
+            first = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
+            extra = {"summary": summary} if summary else {}
+            self.events.publish("reply", self.info, line=first, lines=lines, **extra)
+
     def _send(self, line: bytes) -> None:
-        self.transport.write(line + b"\r\n")
+        self._write(line + b"\r\n")
 
     def _ok(self, text: bytes = b"") -> None:
         self._errors = 0
@@ -430,16 +370,22 @@ class POP3Server(protocol.Protocol):
         self._send(line)
         self._errors += 1
         if self._errors >= MAX_CONSECUTIVE_ERRORS:
-            self._close("too many errors")
+            self.close("too many errors")
+
+    def _refuse(self, line: bytes, reason: str) -> None:
+        """Answer a refused login ([IN-USE], [AUTH], [SYS/...]) and publish it."""
+        self._send(line)
+        self.events.publish("refused", self.info, reason=reason,
+                            reply=line.decode("ascii", "replace"))
 
     def _multiline(self, first: bytes, lines: list[bytes]) -> None:
         # One write for the whole reply (lines never start with "." here).
         self._errors = 0
-        self.transport.write(b"\r\n".join([first, *lines, b".\r\n"]))
+        self._write(b"\r\n".join([first, *lines, b".\r\n"]), lines=len(lines) + 2)
 
     def _internal_error(self) -> None:
-        if self._stream is not None or self._closing:
-            self._close("internal error")
+        if self._stream is not None or self.closing:
+            self.close("internal error")
         else:
             self._send(b"-ERR [SYS/TEMP] internal error")
 
@@ -459,14 +405,14 @@ class POP3Server(protocol.Protocol):
             return None
         return [int(w) for w in words]
 
-    def _message(self, number: int) -> MessageInfo | None:
+    def _message(self, number: int):
         try:
-            return self._mailbox.message(number)
+            return self._maildrop.message(number)
         except NoSuchMessage as e:
             self._fail(b"-ERR " + str(e).encode("ascii"))
             return None
 
-    def _message_argument(self, argument: bytes) -> tuple[int, MessageInfo] | None:
+    def _message_argument(self, argument: bytes):
         numbers = self._numbers(argument, 1)
         if numbers is None:
             return None
@@ -514,7 +460,8 @@ class POP3Server(protocol.Protocol):
             return
         # RFC 1939 §7: PASS has one argument, so spaces are part of the password.
         name, self._user_name = self._user_name, None
-        self._login(UsernamePassword(name, argument), name, argument)
+        self._start_login(LoginAttempt(self.client_host, "USER", name,
+                                       UsernamePassword(name, argument), argument))
 
     def do_APOP(self, argument: bytes) -> None:
         if not self._config.apop:
@@ -530,7 +477,7 @@ class POP3Server(protocol.Protocol):
                                       digest)
         # The digest changes with every greeting: a client repeating a stale secret would
         # look like a new guess each time, so the penalty fingerprints the name only.
-        self._login(credentials, name, b"APOP")
+        self._start_login(LoginAttempt(self.client_host, "APOP", name, credentials, b"APOP"))
 
     def do_AUTH(self, argument: bytes) -> None:
         words = argument.split()
@@ -549,35 +496,31 @@ class POP3Server(protocol.Protocol):
             self._fail(_PLAINTEXT_REFUSED)
             return
         self._user_name = None
-        if len(words) == 2:
-            self._sasl_plain(words[1])
-        else:
-            self._sasl_mechanism = "PLAIN"
-            self._send(b"+ ")  # an empty challenge (RFC 5034 §4)
+        self._sasl = sasl.exchange("PLAIN")
+        self._sasl_step(lambda exchange: exchange.first(words[1] if len(words) == 2 else None))
 
     def _sasl_response(self, line: bytes) -> None:
-        self._sasl_mechanism = None
-        if line.strip() == b"*":
-            self._fail(b"-ERR Authentication cancelled")  # RFC 5034 §4
-        else:
-            self._sasl_plain(line.strip())
+        self._sasl_step(lambda exchange: exchange.step(line))
 
-    def _sasl_plain(self, encoded: bytes) -> None:
-        """RFC 4616: base64 of ``authzid NUL authcid NUL passwd``; ``=`` is empty (RFC 5034)."""
+    def _sasl_step(self, step) -> None:
+        """Run one step of the SASL exchange: a challenge (``+ base64``), or a login."""
+        exchange = self._sasl
         try:
-            message = b"" if encoded == b"=" else base64.b64decode(encoded, validate=True)
-        except binascii.Error:
-            self._fail(b"-ERR Invalid base64 in the PLAIN response")
+            result = step(exchange)
+        except sasl.SASLError as e:
+            self._sasl = None
+            self._fail(b"-ERR " + str(e).encode("ascii"))
             return
-        parts = message.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self._fail(b"-ERR Malformed PLAIN response")
+        if isinstance(result, bytes):
+            self._send(b"+ " + base64.b64encode(result))  # RFC 5034 §4
             return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
+        self._sasl = None
+        if result.authzid and result.authzid != result.authcid:
             self._send(b"-ERR [AUTH] Logging in as another user is not supported")
             return
-        self._login(UsernamePassword(authcid, password), authcid, password)
+        self._start_login(LoginAttempt(
+            self.client_host, exchange.name, result.authcid,
+            UsernamePassword(result.authcid, result.password), result.password))
 
     def do_STLS(self, argument: bytes) -> None:
         if not self._no_argument(argument):
@@ -600,132 +543,109 @@ class POP3Server(protocol.Protocol):
     def do_QUIT(self, argument: bytes) -> None:
         if self.state is State.AUTHORIZATION:
             self._ok(b"popgate signing off")
-            self._close("quit")
+            self.close("quit")
             return
         # RFC 1939 §6: QUIT in TRANSACTION enters UPDATE.
         self.state = State.UPDATE
-        self._busy = True
-        self._update = update = self._mailbox.commit()
-        update.addCallbacks(self._updated, self._update_failed)
+        self._publish_state()
+        self.begin_operation("update")
+        marked = (self._maildrop.deleted_count, self._maildrop.deleted_octets)
+        self._update = update = self._maildrop.commit()
+        update.addCallbacks(self._updated, self._update_failed, callbackArgs=(marked,))
         update.addErrback(self._unexpected)
 
-    def _updated(self, _) -> None:
+    def _updated(self, _, marked: tuple[int, int]) -> None:
         self._update = None
-        self._deleted_count = self._mailbox.deleted_count
+        self._removed = marked
+        if marked[0]:
+            self.events.publish("message", self.info, action="removed", count=marked[0],
+                                octets=marked[1])
         self._log_out()
-        if not self._disconnected:
-            self._ok(b"popgate signing off (%d messages deleted)" % self._deleted_count)
-            self._close("quit")
+        if not self.disconnected:
+            self._ok(b"popgate signing off (%d message%s deleted)"
+                     % (marked[0], b"" if marked[0] == 1 else b"s"))
+            self.close("quit")
 
     def _update_failed(self, failure) -> None:
         self._update = None
-        log.failure("POP3 UPDATE failed for {user}", failure, user=self._mailbox.user)
+        log.failure("POP3 UPDATE failed for {user}", failure, user=self._maildrop.user)
         self._log_out()
-        if not self._disconnected:
+        if not self.disconnected:
             # RFC 1939 §6: -ERR if some deletions failed.
             self._send(b"-ERR [SYS/TEMP] Some messages could not be deleted")
-            self._close("quit with errors")
+            self.close("quit with errors")
 
     # -- logging in ----------------------------------------------------------------------
 
-    def _login(self, credentials, name: bytes, secret: bytes) -> None:
-        """Authenticate through the portal, once the address has served its penalty.
-
-        The penalty is waited out *before* the password is checked: a guesser that hangs
-        up without waiting for answers costs no hashing, and cannot tell a right guess
-        from a wrong one by how fast the answer comes.
-        """
-        self._busy = True
-        host = self._peer_host()
-        started = self._clock.seconds()
-        self._at(started + self.factory.penalty.delay(host), self._check_credentials,
-                 credentials, started, host, name, secret)
-
-    def _check_credentials(self, credentials, started, host, name, secret) -> None:
-        self._delayed = None
-        d = self.factory.password_checks.run(host, self._portal_login, credentials)
-        d.addCallbacks(self._logged_in, self._login_failed,
-                       errbackArgs=(started, host, name, secret))
+    def _start_login(self, attempt: LoginAttempt) -> None:
+        """Hand the attempt to the authenticator; no input is read until it is answered."""
+        self.begin_operation("login")
+        self._login = d = self.factory.authenticator.login(attempt, IMaildrop,
+                                                           lambda: not self.closing)
+        d.addCallbacks(self._logged_in, self._login_failed, callbackArgs=(attempt,),
+                       errbackArgs=(attempt,))
         d.addErrback(self._unexpected)
 
-    def _portal_login(self, credentials) -> defer.Deferred:
-        if self._closing:
-            return defer.succeed(None)  # gone while queued: nobody to check for
-        return self.factory.portal.login(credentials, None, IMailbox)
+    def _publish_login(self, attempt: LoginAttempt, result: str, user=None) -> None:
+        self.events.publish("login", self.info, user=user or attempt.name.decode(
+            "utf-8", "replace"), mechanism=attempt.mechanism, result=result)
 
-    def _logged_in(self, result) -> None:
+    def _logged_in(self, result, attempt: LoginAttempt) -> None:
+        self._login = None
         if result is None:
             return  # the session closed before its turn came
-        _, mailbox, logout = result
-        if self._disconnected:
+        maildrop, logout = result
+        if self.disconnected:
             logout()
             return
-        self._mailbox, self._logout = mailbox, logout
-        if not self._closing:  # else connectionLost logs out
+        self._maildrop, self._logout = maildrop, logout
+        self._publish_login(attempt, "ok", maildrop.user)
+        if not self.closing:  # else ended() logs out
             self._enter_transaction()
 
     def _enter_transaction(self) -> None:
-        self.factory.penalty.succeeded(self._peer_host())
         self.state = State.TRANSACTION
-        count, octets = self._mailbox.stat()
-        self._ok(b"Logged in, %d messages (%d octets)" % (count, octets))
+        self._publish_state()
+        count, octets = self._maildrop.stat()
+        self._ok(b"Logged in, %d message%s (%d octets)"
+                 % (count, b"" if count == 1 else b"s", octets))
         self._reset_idle_timer()
-        self._done()
+        self.end_operation()
 
-    def _login_failed(self, failure, started, host, name, secret) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.factory.penalty.failed(host, name, secret)
+    def _login_failed(self, failure, attempt: LoginAttempt) -> None:
+        self._login = None
+        if failure.check(defer.CancelledError):
+            return  # the session went away during a wait
+        if failure.check(LoginFailed):
+            self._publish_login(attempt, "failed")
             self._auth_failures += 1
-            self.factory.log_refusal(host, "authentication failed",
-                                     name.decode("utf-8", "replace"))
-            # The answer comes the (new) penalty delay after the attempt began.
-            self._at(started + self.factory.penalty.delay(host), self._refuse_login)
-        elif failure.check(MailboxLocked):
-            self._at(started, self._answer,
-                     b"-ERR [IN-USE] Mailbox is in use by another session")
-        else:
-            log.failure("POP3 login failed for {peer}", failure, peer=host)
-            # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
-            answer = (b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
-                      if failure.check(PermissionError)
-                      else b"-ERR [SYS/TEMP] Mailbox temporarily unavailable")
-            self._at(started, self._answer, answer)
-
-    def _refuse_login(self) -> None:
-        self._send(b"-ERR [AUTH] Authentication failed")
-        if self._auth_failures >= self.factory.config.limits.auth_max_failures:
-            self._close("too many authentication failures")
-        else:
-            self._done()
-
-    def _at(self, when: float, step, *args) -> None:
-        """Run the next ``step`` of a login at clock time ``when`` (now if that has passed);
-        never once the session is closing."""
-        if self._closing:
+            self._send(b"-ERR [AUTH] Authentication failed")  # the login event records it
+            if self._auth_failures >= self.factory.config.limits.auth_max_failures:
+                self.close("too many authentication failures")
+            else:
+                self.end_operation()
             return
-        delay = when - self._clock.seconds()
-        if delay > 0:
-            self._delayed = self._clock.callLater(delay, step, *args)
+        if failure.check(MailboxInUse):
+            self._publish_login(attempt, "in-use")
+            self._refuse(b"-ERR [IN-USE] Mailbox is in use by another session",
+                         "mailbox in use")
         else:
-            step(*args)
-
-    def _answer(self, line: bytes) -> None:
-        self._send(line)
-        self._done()
-
-    def _done(self) -> None:
-        """The command in progress has been answered: go on with pipelined input."""
-        self._busy = False
-        self._delayed = None
-        self._process_input()
+            log.failure("POP3 login failed for {peer}", failure, peer=self.info.client)
+            self._publish_login(attempt, "error")
+            # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
+            self._refuse(b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
+                         if failure.check(PermissionError)
+                         else b"-ERR [SYS/TEMP] Mailbox temporarily unavailable",
+                         "mailbox unavailable")
+        self.end_operation()
 
     def _unexpected(self, failure) -> None:
-        log.failure("POP3 internal error for {peer}", failure, peer=self._peer_host())
+        log.failure("POP3 internal error for {peer}", failure, peer=self.info.client)
         if self.state is State.UPDATE:
-            self._close("internal error")
-        elif not self._closing:
+            self.close("internal error")
+        elif not self.closing:
             self._internal_error()
-            self._done()
+            self.end_operation()
 
     def _log_out(self) -> None:
         logout, self._logout = self._logout, None
@@ -736,7 +656,7 @@ class POP3Server(protocol.Protocol):
 
     def do_STAT(self, argument: bytes) -> None:
         if self._no_argument(argument):
-            self._ok(b"%d %d" % self._mailbox.stat())
+            self._ok(b"%d %d" % self._maildrop.stat())
 
     def do_LIST(self, argument: bytes) -> None:
         if argument.strip():
@@ -744,9 +664,10 @@ class POP3Server(protocol.Protocol):
             if found is not None:
                 self._ok(b"%d %d" % (found[0], found[1].octets))
             return
-        count, octets = self._mailbox.stat()
-        self._multiline(b"+OK %d messages (%d octets)" % (count, octets),
-                        [b"%d %d" % (n, info.octets) for n, info in self._mailbox.listing()])
+        count, octets = self._maildrop.stat()
+        self._multiline(b"+OK %d message%s (%d octets)"
+                        % (count, b"" if count == 1 else b"s", octets),
+                        [b"%d %d" % (n, info.octets) for n, info in self._maildrop.listing()])
 
     def do_UIDL(self, argument: bytes) -> None:
         if argument.strip():
@@ -756,7 +677,7 @@ class POP3Server(protocol.Protocol):
             return
         self._multiline(b"+OK Unique-ID listing follows",
                         [b"%d %s" % (n, info.uidl.encode("ascii"))
-                         for n, info in self._mailbox.listing()])
+                         for n, info in self._maildrop.listing()])
 
     def do_RETR(self, argument: bytes) -> None:
         found = self._message_argument(argument)
@@ -771,13 +692,16 @@ class POP3Server(protocol.Protocol):
         number, body_lines = numbers
         info = self._message(number)
         if info is not None:
-            self._start_stream(None, info, b"+OK Top of message follows", body_lines)
+            self._start_stream(number, info, b"+OK Top of message follows", body_lines)
 
     def do_DELE(self, argument: bytes) -> None:
         found = self._message_argument(argument)
         if found is not None:
-            self._mailbox.delete(found[0])
-            self._ok(b"Message %d deleted" % found[0])
+            number, info = found
+            self._maildrop.delete(number)
+            self._ok(b"Message %d deleted" % number)
+            self.events.publish("message", self.info, action="deleted", number=number,
+                                uidl=info.uidl, octets=info.octets)
 
     def do_NOOP(self, argument: bytes) -> None:
         if self._no_argument(argument):
@@ -785,27 +709,38 @@ class POP3Server(protocol.Protocol):
 
     def do_RSET(self, argument: bytes) -> None:
         if self._no_argument(argument):
-            self._mailbox.undelete_all()
-            self._ok(b"Maildrop has %d messages (%d octets)" % self._mailbox.stat())
+            marked = self._maildrop.deleted_count
+            self._maildrop.undelete_all()
+            count, octets = self._maildrop.stat()
+            self._ok(b"Maildrop has %d message%s (%d octets)"
+                     % (count, b"" if count == 1 else b"s", octets))
+            if marked:
+                self.events.publish("message", self.info, action="undeleted", count=marked)
 
     # -- streaming a message -------------------------------------------------------------
 
-    def _start_stream(self, retrieval: int | None, info: MessageInfo, status: bytes,
+    def _start_stream(self, number: int, info, status: bytes,
                       body_lines: int | None) -> None:
-        """Send ``status`` and the message (RETR ``retrieval``, or TOP when None)."""
+        """Send ``status`` and message ``number`` (RETR, or TOP with ``body_lines``)."""
         stream = None
         try:
-            stream = _MessageStream(info.path, self.block_size, body_lines)
+            stream = _MessageStream(self._maildrop.open(number), self.block_size, body_lines)
             first = stream.next_chunk()
         except OSError as e:
             if stream is not None:
                 stream.close()
-            log.error("POP3 cannot read {path}: {error}", path=info.path, error=e)
+            log.error("POP3 cannot read message {uidl} of {user}: {error}", uidl=info.uidl,
+                      user=self._maildrop.user, error=e)
             self._send(b"-ERR [SYS/TEMP] Message temporarily unavailable")
             return
         self._errors = 0
-        self.transport.write(status + b"\r\n" + first)
-        self._stream, self._retrieval = stream, retrieval
+        kind = "retrieved" if body_lines is None else "topped"
+        self._write(status + b"\r\n" + first, summary=f"{kind} message {number}: "
+                                                      f"{info.octets} octets as listed")
+        self._stream, self._retrieval = stream, number if body_lines is None else None
+        self.events.publish("message", self.info, action=kind, number=number,
+                            uidl=info.uidl, octets=info.octets)
+        self.begin_operation("retr")
         if stream.done:
             self._finish_stream()
         else:
@@ -813,26 +748,25 @@ class POP3Server(protocol.Protocol):
 
     def _pump_stream(self) -> None:
         """Write chunks until the message is sent or the transport asks us to pause."""
-        while self._stream is not None and not self._output_paused and not self._closing:
+        while self._stream is not None and not self.output_full and not self.closing:
             try:
                 chunk = self._stream.next_chunk()
             except OSError as e:
                 # Part of the reply is out already: only closing tells the client.
                 log.error("POP3 read error while sending a message: {error}", error=e)
-                self._close("read error while sending a message")
+                self.close("read error while sending a message")
                 return
             self._reset_idle_timer()
             self.transport.write(chunk)
             if self._stream is not None and self._stream.done:
                 self._finish_stream()
-        if self._stream is None:
-            self._process_input()
 
     def _finish_stream(self) -> None:
         stream, self._stream = self._stream, None
         stream.close()
         if self._retrieval is not None:
-            self._mailbox.retrieved(self._retrieval)
+            self._maildrop.retrieved(self._retrieval)
+        self.end_operation()
 
     def _drop_stream(self) -> None:
         stream, self._stream = self._stream, None
@@ -844,56 +778,27 @@ def _is_hex(text: bytes) -> bool:
     return all(c in b"0123456789abcdefABCDEF" for c in text)
 
 
-class _RefusedSession(protocol.Protocol):
-    """Over a connection cap: one ``-ERR [SYS/TEMP]`` line, then close (issue 6)."""
+class POP3Factory(SessionFactory):
+    """Builds POP3 sessions for one listener.
 
-    def __init__(self, reason: str):
-        self.reason = reason
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"-ERR [SYS/TEMP] " + self.reason.encode("ascii") + b"\r\n")
-        self.transport.loseConnection()
-
-
-class POP3Factory(protocol.Factory):
-    """Builds POP3 sessions for one listener; counts them against the connection caps.
-
-    ``tls`` is the STLS connection creator (None: no STLS); ``implicit_tls`` says the
-    listener wraps every connection in TLS already (POP3S), so sessions are secure.
+    ``tls`` is the STLS connection creator (None: no STLS); ``authenticator`` is shared by
+    the POP3 and POP3S listeners (and SMTP submission): penalties and the bound per
+    address are per address, not per port.
     """
 
-    noisy = False  # ListenerService logs where it listens; no "Starting factory" lines
+    session_class = POP3Server
+    protocol_name = "POP3"
 
-    def __init__(self, *, config, portal, clock, limiter, penalty, tls=None,
-                 implicit_tls: bool = False, password_checks: ChecksPerAddress | None = None):
-        self.config = config
-        self.portal = portal
-        self.clock = clock
-        self.limiter = limiter
-        self.penalty = penalty
-        self.tls = tls
-        self.implicit_tls = implicit_tls
-        self.hostname = config.hostname
-        # Shared by the POP3 and POP3S listeners: the bound is per address, not per port.
-        self.password_checks = password_checks or ChecksPerAddress()
-        self._log_limiter = LogLimiter(clock)
+    def __init__(self, *, config, authenticator: Authenticator, clock, limiter, events,
+                 tls=None, implicit_tls: bool = False):
+        super().__init__(config=config, clock=clock, limiter=limiter, events=events, tls=tls,
+                         implicit_tls=implicit_tls)
+        self.authenticator = authenticator
 
-    def buildProtocol(self, addr) -> protocol.Protocol:
-        host = host_of(addr)
-        refusal = self.limiter.acquire(host)
-        if refusal is not None:
-            self.log_refusal(host, refusal)
-            return _RefusedSession(refusal)
-        return POP3Server(self, release=lambda: self.limiter.release(host))
-
-    def log_refusal(self, host: str, reason: str, user: str = "") -> None:
-        """Log a refusal once per address and reason per minute (no log flooding)."""
-        if self._log_limiter.allow((host, reason)):
-            log.warn("POP3 refused {host}: {reason} {user}", host=host, reason=reason,
-                     user=user)
+    def refusal_line(self, reason: str) -> bytes:
+        return b"-ERR [SYS/TEMP] " + reason.encode("ascii") + b"\r\n"
 
     def apop_timestamp(self) -> bytes:
         """A new RFC 1939 §7 ``<pid.clock@hostname>`` timestamp, never repeated."""
         clock = f"{int(self.clock.seconds())}.{secrets.token_hex(8)}"
         return f"<{os.getpid()}.{clock}@{self.hostname}>".encode("ascii", "replace")
-

@@ -14,7 +14,7 @@
     domain's catch-all ``@domain``; alias targets that are not in the user database are
     skipped (and logged); nothing left: ``550 5.1.1``.
 
-* :class:`Deliverer` turns an :class:`Envelope` into a :class:`Transaction`: one Maildir
+* :class:`Deliverer` turns an :class:`Arrival` into a :class:`Transaction`: one Maildir
   ``tmp/`` file per recipient *user* (a user reached through several addresses gets one
   copy), each starting with its own trace headers, LF-terminated as stored::
 
@@ -56,8 +56,9 @@ import ipaddress
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -65,6 +66,7 @@ from twisted.python.failure import Failure
 
 from popgate.addresses import Mailbox
 from popgate.auth.users import User, UserDB
+from popgate.smtp.reply import RELAY_DENIED, UNKNOWN_USER, Reply
 from popgate.store import maildir
 from popgate.store.maildir import IncomingMessage, MaildirStore
 
@@ -74,24 +76,11 @@ _MAX_HEADER_LINE = 78  # RFC 5322 §2.1.1: SHOULD NOT exceed 78 characters
 
 
 @dataclass(frozen=True)
-class Refusal:
-    """An SMTP refusal: reply code, RFC 3463 enhanced code and text."""
-
-    code: int
-    enhanced: str
-    text: str
-
-
-RELAY_DENIED = Refusal(554, "5.7.1", "relay access denied")
-UNKNOWN_USER = Refusal(550, "5.1.1", "no such user here")
-
-
-@dataclass(frozen=True)
 class Resolution:
     """Where one recipient address goes: existing users, or a refusal."""
 
     users: tuple[User, ...] = ()
-    refusal: Refusal | None = None
+    refusal: Reply | None = None
 
 
 class Router:
@@ -174,8 +163,9 @@ class Recipient:
 
 
 @dataclass(frozen=True)
-class Envelope:
-    """Everything about one message except its content."""
+class Arrival:
+    """How and for whom a message arrived: everything about it but its content, frozen
+    when its files are opened (the protocol's own Session and Arrival go on changing)."""
 
     sender: str  # "" for the null reverse-path <>
     recipients: tuple[Recipient, ...]
@@ -189,7 +179,7 @@ class GroupCommitter:
     """Runs Maildir commits in threads, grouping those that queue up behind busy ones."""
 
     def __init__(self, run_in_thread: Callable[..., defer.Deferred], max_in_flight: int = 4):
-        self._run_in_thread = run_in_thread
+        self.run_in_thread = run_in_thread
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._queue: list[tuple[list[IncomingMessage], defer.Deferred]] = []
@@ -205,7 +195,7 @@ class GroupCommitter:
     def _start_group(self) -> None:
         group, self._queue = self._queue, []
         self._in_flight += 1
-        d = self._run_in_thread(commit_group, [messages for messages, _ in group])
+        d = self.run_in_thread(commit_group, [messages for messages, _ in group])
         d.addBoth(self._group_done, group)
 
     def _group_done(self, outcomes, group) -> None:
@@ -401,16 +391,41 @@ class SparePool:
         self._spares, self._stale, self._wanted = {}, [], {}
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """What one message check decided: header lines to add at the top of the message
+    (``Authentication-Results: ...``, no line end), and a reply to refuse it with."""
+
+    headers: tuple[str, ...] = ()
+    reply: Reply | None = None
+
+
+class MessageCheck(Protocol):
+    """A check between the end of a message's data and its ``250``: SPF, DKIM and DMARC
+    verification or a spam engine plug in here, unknown to the protocol.
+
+    ``check`` gets the :class:`Transaction` (its :attr:`~Transaction.arrival`, its
+    :attr:`~Transaction.size` and :meth:`~Transaction.open_content`) and returns a
+    :class:`Verdict` or a Deferred of one.  Checks run in order; the first refusal wins
+    and the later checks do not run.
+    """
+
+    def check(self, transaction: Transaction) -> Verdict | defer.Deferred: ...
+
+
 class Transaction:
     """One message being written to every recipient user's ``tmp/``."""
 
-    def __init__(self, transaction_id: str, envelope: Envelope,
-                 copies: list[tuple[User, IncomingMessage]], committer: GroupCommitter):
+    def __init__(self, transaction_id: str, arrival: Arrival,
+                 copies: list[tuple[User, IncomingMessage]], committer: GroupCommitter, *,
+                 checks: Sequence[MessageCheck] = (), header_octets: int = 0):
         self.id = transaction_id
-        self.envelope = envelope
+        self.arrival = arrival
         self.size = 0  # body octets written (LF line ends, trace headers excluded)
         self._copies = copies
         self._committer = committer
+        self._checks = checks
+        self._header_octets = header_octets  # our trace headers, before the content
         self._error: OSError | None = None
         # Several copies share one buffer (one block in memory, not one per copy).
         self._shared = bytearray() if len(copies) > 1 else None
@@ -418,6 +433,17 @@ class Transaction:
     @property
     def users(self) -> list[User]:
         return [user for user, _ in self._copies]
+
+    @property
+    def stored_octets(self) -> int:
+        """The size of each stored copy (LF line ends), trace headers included."""
+        return self._copies[0][1].size
+
+    @property
+    def list_octets(self) -> int:
+        """The size POP3's LIST reports for each copy (CRLF line ends, RFC 1939 §5)."""
+        message = self._copies[0][1]
+        return message.size + message.lines
 
     def write(self, data: bytes) -> None:
         """Append LF-terminated body bytes to every copy.
@@ -450,11 +476,20 @@ class Transaction:
         self._error = error
         self.abort()
 
-    def finish(self) -> defer.Deferred:
-        """Make every copy durable; fires with None only once all of them are.
+    def open_content(self) -> BinaryIO:
+        """The message as the client sent it (LF line ends, without our trace headers),
+        for a message check to read.  Blocking: call it from a thread."""
+        f = open(self._copies[0][1].tmp_path, "rb")  # noqa: SIM115 - the caller closes it
+        f.seek(self._header_octets)
+        return f
 
-        What is still buffered goes to the files first, here: a page-cache write, and
-        one system call less in the commit's thread (where each one waits for the GIL).
+    def finish(self) -> defer.Deferred:
+        """Run the message checks, then make every copy durable.
+
+        Fires with None once every copy is durable, or with the :class:`Reply` a check
+        refused the message with (its files are then removed).  What is still buffered
+        goes to the files first, here: a page-cache write, and one system call less in the
+        commit's thread (where each one waits for the GIL).
         """
         if self._error is None:
             try:
@@ -466,6 +501,24 @@ class Transaction:
                 self._failed(e)
         if self._error is not None:
             return defer.fail(self._error)
+        if not self._checks:
+            return self._commit()
+        return defer.ensureDeferred(self._checked_commit())
+
+    async def _checked_commit(self) -> Reply | None:
+        headers: list[str] = []
+        for check in self._checks:
+            verdict = await defer.maybeDeferred(check.check, self)
+            if verdict.reply is not None:
+                self.abort()
+                return verdict.reply
+            headers.extend(verdict.headers)
+        if headers:
+            added = "".join(line + "\n" for line in headers).encode("utf-8")
+            await self._committer.run_in_thread(_prepend_to_copies, self._copies, added)
+        return await self._commit()
+
+    def _commit(self) -> defer.Deferred:
         return self._committer.commit([message for _, message in self._copies])
 
     def abort(self) -> None:
@@ -474,13 +527,20 @@ class Transaction:
             message.abort()
 
 
+def _prepend_to_copies(copies: list[tuple[User, IncomingMessage]], data: bytes) -> None:
+    for _, message in copies:
+        message.prepend(data)
+
+
 class Deliverer:
     """Opens :class:`Transaction` objects in the Maildir store."""
 
     def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred], *,
                  hostname: str, now: Callable[[], float] = time.time,
-                 max_in_flight: int = 4, spares: int = 64):
+                 max_in_flight: int = 4, spares: int = 64,
+                 checks: Sequence[MessageCheck] = ()):
         self._store = store
+        self._checks = tuple(checks)
         self._run_in_thread = run_in_thread
         self._hostname = hostname
         self._now = now
@@ -498,7 +558,7 @@ class Deliverer:
             self._date_second = second
         return self._date_text
 
-    def begin(self, envelope: Envelope) -> defer.Deferred:
+    def begin(self, arrival: Arrival) -> defer.Deferred:
         """Open one ``tmp/`` file per recipient user; fires with a Transaction.
 
         Creating files can block on the file system (other sessions' fsyncs, its inode
@@ -509,7 +569,7 @@ class Deliverer:
         """
         transaction_id = new_transaction_id()
         date = self._date()
-        recipients = _users_and_first_address(envelope.recipients)
+        recipients = _users_and_first_address(arrival.recipients)
         users = [user for user, _ in recipients]
         spares = self._spares.take(users)
         if spares is not None:
@@ -517,11 +577,7 @@ class Deliverer:
         else:
             d = self._run_in_thread(self._open_copies, users)
         self._spares.refill()
-        return d.addCallback(self._start, envelope, recipients, transaction_id, date)
-
-    def close(self) -> None:
-        """Remove the spare files (blocking: for shutdown)."""
-        self._spares.close()
+        return d.addCallback(self._start, arrival, recipients, transaction_id, date)
 
     def _open_copies(self, users: list[User]) -> list[tuple[User, IncomingMessage]]:
         """Runs in a pool thread: one new ``tmp/`` file per user (none left on error)."""
@@ -535,14 +591,22 @@ class Deliverer:
             raise
         return copies
 
-    def _start(self, copies: list[tuple[User, IncomingMessage]], envelope: Envelope,
+    def _start(self, copies: list[tuple[User, IncomingMessage]], arrival: Arrival,
                recipients: list[tuple[User, str]], transaction_id: str,
                date: str) -> Transaction:
         """Each copy begins with its own trace headers (buffered, not yet written)."""
+        header_octets = 0
         for (user, message), (_, address) in zip(copies, recipients, strict=True):
-            message.write(trace_headers(envelope, user, address, self._hostname,
-                                        transaction_id, date))
-        return Transaction(transaction_id, envelope, copies, self._committer)
+            headers = trace_headers(arrival, user, address, self._hostname, transaction_id,
+                                    date)
+            message.write(headers)
+            header_octets = header_octets or len(headers)
+        return Transaction(transaction_id, arrival, copies, self._committer,
+                           checks=self._checks, header_octets=header_octets)
+
+    def close(self) -> None:
+        """Remove the spare files (blocking: for shutdown)."""
+        self._spares.close()
 
 
 _random_ids: list[str] = []
@@ -570,26 +634,26 @@ def _users_and_first_address(recipients) -> list[tuple[User, str]]:
     return list(seen.values())
 
 
-def trace_headers(envelope: Envelope, user: User, address: str, hostname: str,
+def trace_headers(arrival: Arrival, user: User, address: str, hostname: str,
                   transaction_id: str, date: str) -> bytes:
     """``Return-Path``, ``Delivered-To`` and ``Received`` for one copy, LF-terminated."""
     lines = [
-        f"Return-Path: <{envelope.sender}>",
+        f"Return-Path: <{arrival.sender}>",
         f"Delivered-To: {user.name}",
-        received_header(envelope, address, hostname, transaction_id, date),
+        received_header(arrival, address, hostname, transaction_id, date),
     ]
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
-def received_header(envelope: Envelope, address: str, hostname: str,
+def received_header(arrival: Arrival, address: str, hostname: str,
                     transaction_id: str, date: str) -> str:
     """An RFC 5321 §4.4 ``Received:`` line (folded, no line end)."""
-    clauses = [f"from {envelope.helo} ({_tcp_info(envelope.client_ip)})",
+    clauses = [f"from {arrival.helo} ({_tcp_info(arrival.client_ip)})",
                f"by {hostname} (popgate)",
-               f"with {envelope.protocol}",
+               f"with {arrival.protocol}",
                f"id {transaction_id}"]
-    if envelope.tls:
-        clauses.append(f"({_describe_tls(envelope.tls)})")
+    if arrival.tls:
+        clauses.append(f"({_describe_tls(arrival.tls)})")
     clauses.append(f"for <{address}>;")
     clauses.append(date)
     return fold("Received:", clauses)

@@ -9,19 +9,20 @@ AUTH: popgate's SMTP only accepts mail for its local users.
 Wire format: command lines end with CRLF (a bare LF is tolerated) and are at most 512
 octets (RFC 5321 §4.5.3.1.4); every reply carries an enhanced status code.  Message data
 is decoded by :mod:`popgate.codec` (only ``CRLF.CRLF`` ends DATA; only the declared length
-ends a BDAT chunk) and streamed to :mod:`popgate.smtp.delivery`, which stores it with LF line
-ends.
+ends a BDAT chunk) and streamed to :mod:`popgate.smtp.delivery`, which stores it with LF
+line ends.
 
-The session is an explicit state machine.  ``_mode`` says how input bytes are read
-(command lines, the tail of an over-long line being discarded, DATA, a BDAT chunk, or
-nothing once closed); the envelope state (``_helo``, ``_sender``, ``_recipients``) says
-which commands are in sequence.  Input is processed strictly in order: when a command's
-answer is asynchronous (the end of a message waits for fsync) the protocol stops reading
-the transport and leaves later pipelined input in its buffer until the answer is written,
-so replies always come back in order.  It also stops processing input while the
-transport's write buffer is full (it is the transport's push producer), and stops reading
-once 64 KiB of input is waiting behind it, so a client that pipelines commands without
-reading the replies cannot make the server buffer without bound.
+State lives in plain objects beside the protocol (:mod:`popgate.smtp.session`): the
+:class:`~popgate.smtp.session.Session` (client, HELO, TLS), the
+:class:`~popgate.smtp.session.Envelope` of the transaction, and at most one
+:class:`~popgate.smtp.session.MessageInFlight`, the message whose body is being received
+or committed.  ``_mode`` says how input bytes are read (command lines, the tail of an
+over-long line being discarded, DATA, a BDAT chunk).  The input loop, back-pressure, the
+push producer, closing and the connection caps come from :mod:`popgate.lineproto`: when a
+command's answer is asynchronous (the end of a message waits for fsync) no later input is
+consumed until the answer is written, so replies always come back in order (RFC 2920
+§3.1), and a client that pipelines without reading the replies cannot make the server
+buffer without bound.
 
 Bounds: a partial command line is buffered up to 512 octets, the rest of a longer line is
 discarded as it arrives; DATA and BDAT bytes go to disk as they arrive, counted against
@@ -29,8 +30,10 @@ discarded as it arrives; DATA and BDAT bytes go to disk as they arrive, counted 
 ``smtp.max_errors`` protocol errors the session is closed; command, data and total session
 timeouts come from the injected clock (RFC 5321 §4.5.3.2).
 
-Concurrency: everything runs on the reactor thread; only fsync work goes to the thread
-pool (through :class:`popgate.smtp.delivery.Deliverer`).
+Everything the session does is published on the :class:`~popgate.events.EventBus`
+(connected, command, reply, tls, message, refused, closed); the log lines come from
+there.  Concurrency: everything runs on the reactor thread; only file creation and fsync
+go to the thread pool (through :class:`~popgate.smtp.delivery.Deliverer`).
 """
 
 from __future__ import annotations
@@ -38,20 +41,18 @@ from __future__ import annotations
 import enum
 import re
 
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet import defer
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import ChunkDecoder, DataDecoder
-from popgate.loglimit import LogLimiter
-from popgate.smtp.delivery import Deliverer, Envelope, Recipient, Refusal, Router
+from popgate.lineproto import LineSession, SessionFactory
+from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router
+from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
+from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
 from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
-CLOSE_GRACE = 30.0  # seconds a closing session may take to flush its last replies
-MAX_BACKLOG = 64 * 1024  # unprocessed input held while replies cannot be written
 _MAX_SIZE_DIGITS = 20
 # Replies sent for every message, encoded once.
 _MAIL_OK = b"250 2.1.0 Ok\r\n"
@@ -76,165 +77,68 @@ class Mode(enum.Enum):
     DISCARD_LINE = "discarding the rest of an over-long command line"
     DATA = "DATA"
     CHUNK = "BDAT chunk"
-    CLOSED = "closed"
 
 
-class CommandError(Exception):
+class SMTPCommandError(Exception):
     """A command refused with a reply; 5xx ones count towards ``smtp.max_errors``."""
 
     def __init__(self, code: int, enhanced: str, text: str):
         super().__init__(f"{code} {enhanced} {text}")
-        self.refusal = Refusal(code, enhanced, text)
+        self.reply = Reply(code, enhanced, text)
 
 
-def _syntax(text: str) -> CommandError:
-    return CommandError(501, "5.5.4", f"Syntax: {text}")
+def _syntax(text: str) -> SMTPCommandError:
+    return SMTPCommandError(501, "5.5.4", f"Syntax: {text}")
 
 
-def _sequence(text: str) -> CommandError:
-    return CommandError(503, "5.5.1", text)
+def _sequence(text: str) -> SMTPCommandError:
+    return SMTPCommandError(503, "5.5.1", text)
 
 
-class _Chunk:
-    """The BDAT chunk being read: octets still to come, and how to answer at its end."""
-
-    def __init__(self, size: int, last: bool, refusal: Refusal | None):
-        self.size = size
-        self.remaining = size
-        self.last = last
-        self.refusal = refusal  # answered once the chunk is consumed, instead of storing it
-
-
-@implementer(IPushProducer)
-class SMTPServer(protocol.Protocol):
+class SMTPServer(LineSession):
     """One SMTP or LMTP session."""
 
     log = Logger()
 
-    def __init__(self, factory: SMTPFactory, client_host: str):
-        self.factory = factory
+    def __init__(self, factory: SMTPFactory, slot_host: str):
+        super().__init__(factory, slot_host)
         self.settings = factory.config.smtp
-        self._client_host = client_host
+        self.session = Session(secure=factory.implicit_tls)
+        self.envelope = Envelope()
+        self.message: MessageInFlight | None = None
         self._mode = Mode.COMMAND
         self._buffer = b""
         self._position = 0  # start of the unread input in _buffer
-        self._processing = False
-        self._pending: defer.Deferred | None = None  # the asynchronous reply owed, if any
-        self._close_timer = None
-        self._opening = False  # DATA accepted, its files are still being opened
-        self._output_full = False  # the transport asked us to stop producing
-        self._reading_paused = False
-        self._buffer_seen = False  # any input arrived (the peer is final: see _peer)
-        self._peer_text: str | None = None
-        self._client_ip: str | None = None
+        self._owed: defer.Deferred | None = None  # the asynchronous reply owed, if any
         self._errors = 0
-        self._messages = 0
-        self._tls = factory.implicit_tls
+        self._chunk: Chunk | None = None  # the BDAT chunk being read (Mode.CHUNK)
         self._idle_timer = None
         self._session_timer = None
-        self._transaction = None
-        self._decoder: DataDecoder | None = None
-        self._chunk: _Chunk | None = None
-        self._chunk_decoder: ChunkDecoder | None = None
-        self._reset_session()
 
     # -- connection ------------------------------------------------------------------
 
-    def connectionMade(self) -> None:
-        self.transport.registerProducer(self, True)
-        no_delay = getattr(self.transport, "setTcpNoDelay", None)
-        if no_delay is not None:
-            # A reply that follows a thread hop (354, 250 after fsync) must not wait for
-            # the client's delayed ACK of the previous one (Nagle); Twisted already
-            # coalesces the replies written in one reactor turn into one segment.
-            no_delay(True)
-        self.log.info("{proto} connection from {peer}{tls}", proto=self._name,
-                      peer=self._peer(), tls=" (implicit TLS)" if self._tls else "")
+    def greet(self) -> None:
         kind = "LMTP" if self.factory.lmtp else "ESMTP"
         self._reply(220, None, f"{self.factory.hostname} {kind} popgate")
-        clock = self.factory.clock
-        self._session_timer = clock.callLater(self.settings.max_session_time,
-                                              self._timed_out, "session time limit")
+        self._session_timer = self.clock.callLater(self.settings.max_session_time,
+                                                   self._timed_out, "session time limit")
         self._restart_idle_timer()
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._mode = Mode.CLOSED
+    def ended(self, reason: str) -> None:
         self._cancel_timers()
-        if self._close_timer is not None and self._close_timer.active():
-            self._close_timer.cancel()
-        self._abort_transaction()
-        self.factory.limiter.release(self._client_host)
-        self.log.info("{proto} connection from {peer} closed; {n} message(s) accepted, {tls}",
-                      proto=self._name, peer=self._peer(), n=self._messages,
-                      tls=self._tls_summary())
+        self._abort_message()
+        self.events.publish("closed", self.info, reason=reason, user=self.session.user,
+                            duration=self.clock.seconds() - self.started_at,
+                            messages=self.session.messages,
+                            tls=self.session.tls if self.session.secure else None)
 
-    @property
-    def _name(self) -> str:
-        return "LMTP" if self.factory.lmtp else "SMTP"
-
-    def _peer(self) -> str:
-        if self._peer_text is not None:
-            return self._peer_text
-        peer = self.transport.getPeer()
-        host, port = getattr(peer, "host", None), getattr(peer, "port", None)
-        text = f"{host}:{port}" if host is not None else "local socket"
-        if self._mode is not Mode.CLOSED and self._buffer_seen:
-            # Input has arrived, so a PROXY header (which changes the peer) is behind us.
-            self._peer_text, self._client_ip = text, host
-        return text
-
-    def _tls_summary(self) -> str:
-        if not self._tls:
-            return "no TLS"
-        return tls_description(self.transport) or "TLS"
-
-    def _close(self) -> None:
-        self._mode = Mode.CLOSED
+    def close(self, reason: str) -> None:
         self._cancel_timers()
-        self._abort_transaction()
-        # A registered producer keeps the transport from closing (FileDescriptor docs).
-        self.transport.unregisterProducer()
-        if self._reading_paused:
-            self._reading_paused = False
-            self.transport.resumeProducing()  # a TLS close needs to read the peer's alert
-        self.transport.loseConnection()
-        # loseConnection waits for the output to drain; a peer that never reads would
-        # keep the session (and its connection slot) for ever.
-        self._close_timer = self.factory.clock.callLater(
-            CLOSE_GRACE, self.transport.abortConnection)
+        self._abort_message()
+        super().close(reason)
 
-    # -- IPushProducer: the transport's write buffer is full / drained --------------
-
-    def pauseProducing(self) -> None:
-        self._output_full = True
-        self._update_reading()
-
-    def resumeProducing(self) -> None:
-        self._output_full = False
-        self._update_reading()
-        self._process()
-
-    def stopProducing(self) -> None:
-        """The connection is going away; connectionLost does the cleaning up."""
-
-    def _update_reading(self) -> None:
-        """Stop reading the transport while input waits behind an owed reply.
-
-        Reading stops once input arrives while a reply is owed (not before: most waits end
-        with nothing behind them, and each pause costs two system calls), or once 64 KiB
-        waits behind a full output buffer or behind message files still being opened.  A
-        full output buffer alone does not stop reading: under TLS the greeting waits in the
-        TLS layer until the handshake, which needs the transport to keep reading.
-        """
-        backlog = len(self._buffer) - self._position
-        pause = ((self._waiting and backlog > 0)
-                 or ((self._output_full or self._opening) and backlog >= MAX_BACKLOG))
-        if pause != self._reading_paused and self._mode is not Mode.CLOSED:
-            self._reading_paused = pause
-            if pause:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
+    def tls_started(self, description: str) -> None:
+        self.session.tls = description
 
     # -- timers -----------------------------------------------------------------------
 
@@ -246,22 +150,19 @@ class SMTPServer(protocol.Protocol):
         timer is cheaper than cancelling it and making a new one, and this runs several
         times per message.
         """
-        timer = self._idle_timer
-        if self._mode is Mode.CLOSED:
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._idle_timer = None
+        if self.closing:
             return
         in_data = self._mode in (Mode.DATA, Mode.CHUNK)
         timeout = self.settings.data_timeout if in_data else self.settings.command_timeout
+        timer = self._idle_timer
         if timer is not None and timer.active():
             timer.reset(timeout)
         else:
-            self._idle_timer = self.factory.clock.callLater(timeout, self._idle_timeout)
+            self._idle_timer = self.clock.callLater(timeout, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
-        if not self._waiting:  # else the timer starts again once the answer is written
+        if self._owed is None:  # else the timer starts again once the answer is written
             self._timed_out("timeout")
 
     def _cancel_timers(self) -> None:
@@ -271,41 +172,28 @@ class SMTPServer(protocol.Protocol):
         self._idle_timer = self._session_timer = None
 
     def _timed_out(self, what: str) -> None:
-        self.log.info("{proto} {peer}: {what} in {mode}", proto=self._name,
-                      peer=self._peer(), what=what, mode=self._mode.value)
         self._reply(421, "4.4.2", f"{self.factory.hostname} Error: {what} exceeded")
-        self._close()
+        self.close(f"{what} in {self._mode.value}")
 
     # -- input --------------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._mode is Mode.CLOSED:
-            return
-        self._buffer_seen = True
+    def receive(self, data: bytes) -> None:
         self._buffer += data
         if self._mode in (Mode.DATA, Mode.CHUNK):
             self._restart_idle_timer()
-        if self._waiting or self._output_full or self._opening:
-            self._update_reading()
-        self._process()
 
-    def _process(self) -> None:
-        """Consume buffered input in order until it runs out or a reply is owed."""
-        if self._processing:
-            return  # re-entered from a reply that fired synchronously: the loop goes on
-        self._processing = True
-        try:
-            while (self._position < len(self._buffer) and not self._waiting
-                   and not self._output_full and self._mode is not Mode.CLOSED):
-                if not self._step():
-                    break
-            self._buffer = self._buffer[self._position:]
-            self._position = 0
-            self._update_reading()
-        finally:
-            self._processing = False
+    def backlog(self) -> int:
+        return len(self._buffer) - self._position
 
-    def _step(self) -> bool:
+    def input_consumed(self) -> None:
+        self._buffer = self._buffer[self._position:]
+        self._position = 0
+
+    def overflow(self) -> None:
+        self._reply(421, "4.7.0", f"{self.factory.hostname} Error: too much pipelined input")
+        self.close("too much pipelined input")
+
+    def step(self) -> bool:
         """Consume one unit of input; False if more input is needed first."""
         mode = self._mode
         try:
@@ -317,13 +205,13 @@ class SMTPServer(protocol.Protocol):
                 return self._read_data()
             return self._read_chunk()
         except Exception:
-            self.log.failure("{proto} {peer}: internal error in {mode}", proto=self._name,
-                             peer=self._peer(), mode=mode.value)
-            self._reply(451, "4.3.0", "Error: internal error, try again later")
+            self.log.failure("{proto} {peer}: internal error in {mode}",
+                             proto=self.info.protocol, peer=self.info.client, mode=mode.value)
+            self._answer(INTERNAL_ERROR)
             if mode is not Mode.COMMAND:
                 # Where a message ends in the stream is no longer certain: reading on
                 # could run message content as commands.
-                self._close()
+                self.close("internal error")
             return True
 
     def _read_command_line(self) -> bool:
@@ -351,121 +239,110 @@ class SMTPServer(protocol.Protocol):
         self._position = end + 1
         self._mode = Mode.COMMAND
         self._restart_idle_timer()
-        self._refuse(CommandError(500, "5.5.2", "Error: line too long"))
+        self._refuse(SMTPCommandError(500, "5.5.2", "Error: line too long"))
         return True
 
     def _run_command(self, line: bytes) -> None:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._refuse(CommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
+            self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
+        if self.events.wants("command"):
+            self.events.publish("command", self.info, line=text)
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
-            self._refuse(CommandError(500, "5.5.2", "Error: command not recognized"))
+            self._refuse(SMTPCommandError(500, "5.5.2", "Error: command not recognized"))
             return
         try:
             getattr(self, "smtp_" + verb)(argument.strip(" "))
-        except CommandError as e:
+        except SMTPCommandError as e:
             self._refuse(e)
 
     # -- replies ------------------------------------------------------------------------
 
-    def _reply(self, code: int, enhanced: str | None, *lines: str) -> None:
-        if self._mode is Mode.CLOSED:
+    def _write(self, data: bytes) -> None:
+        """Write reply bytes (one or more complete replies) and show them to observers."""
+        if self.closing:
             return
+        self.transport.write(data)
+        if self.events.wants("reply"):
+            lines = data.decode("utf-8", "replace").split("\r\n")[:-1]
+            self.events.publish("reply", self.info, line=lines[-1], lines=len(lines))
+
+    def _reply(self, code: int, enhanced: str | None, *lines: str) -> None:
         prefix = f"{enhanced} " if enhanced else ""
         out = [f"{code}-{prefix}{line}\r\n" for line in lines[:-1]]
         out.append(f"{code} {prefix}{lines[-1]}\r\n")
-        self.transport.write("".join(out).encode("utf-8"))
+        self._write("".join(out).encode("utf-8"))
 
-    def _answer(self, refusal: Refusal) -> None:
-        self._reply(refusal.code, refusal.enhanced, refusal.text)
+    def _answer(self, reply: Reply) -> None:
+        self._reply(reply.code, reply.enhanced, reply.text)
 
-    def _refuse(self, error: CommandError) -> None:
-        """Answer and log a refusal; too many 5xx ones end the session (enumeration brake).
-
-        The log line names the client and the reason, at most once a minute for the same
-        client and reply code, so a client hammering bad commands cannot flood the log.
-        """
-        refusal = error.refusal
-        self._answer(refusal)
-        host = self._client_host
-        if self.factory.refusal_log.allow((host, refusal.code, refusal.enhanced)):
-            self.log.info("{proto} {peer}: refused: {code} {enhanced} {text}",
-                          proto=self._name, peer=self._peer(), code=refusal.code,
-                          enhanced=refusal.enhanced, text=refusal.text)
-        if refusal.code < 500:
+    def _refuse(self, error: SMTPCommandError) -> None:
+        """Answer and publish a refusal; too many 5xx ones end the session (an
+        enumeration brake)."""
+        reply = error.reply
+        self._answer(reply)
+        self.events.publish("refused", self.info, reason=reply.text,
+                            reply=f"{reply.code} {reply.enhanced} {reply.text}")
+        if reply.code < 500:
             return
         self._errors += 1
         if self._errors >= self.settings.max_errors:
-            self.log.info("{proto} {peer}: closed after {n} errors", proto=self._name,
-                          peer=self._peer(), n=self._errors)
             self._reply(421, "4.7.0", f"{self.factory.hostname} Error: too many errors")
-            self._close()
+            self.close(f"closed after {self._errors} errors")
 
-    @property
-    def _waiting(self) -> bool:
-        return self._pending is not None
+    def _wait_for(self, d: defer.Deferred, operation: str, then=None) -> None:
+        """Consume no input until ``d`` (and ``then``, its next step) has fired.
 
-    def _wait_for(self, d: defer.Deferred) -> None:
-        """Stop reading input until ``d`` (which writes the reply) has fired.
-
-        A wait started inside ``d``'s callbacks (``BDAT 0 LAST`` finishing the message
-        right after its files were opened) replaces this one; only the newest wait ends
-        the pause, so replies stay in order (RFC 2920 §3.1).
+        The wait is registered before ``then`` is added, so that a wait started by
+        ``then`` (``BDAT 0 LAST`` finishing the message right after its files were
+        opened) replaces this one even when ``d`` has fired already; only the newest wait
+        ends the pause, so replies stay in order (RFC 2920 §3.1).
         """
-        self._pending = d
+        self._owed = d
+        self.begin_operation(operation)
         self._restart_idle_timer()
+        if then is not None:
+            d.addCallback(then)
         d.addErrback(self._internal_error)
         d.addBoth(self._done_waiting, d)
 
     def _done_waiting(self, _ignored, d: defer.Deferred) -> None:
-        if self._pending is not d:
+        if self._owed is not d:
             return
-        self._pending = None
-        self._update_reading()
+        self._owed = None
         self._restart_idle_timer()
-        self._process()
+        self.end_operation()
 
     def _internal_error(self, failure) -> None:
-        self.log.failure("{proto} {peer}: internal error", failure, proto=self._name,
-                         peer=self._peer())
-        self._reply(451, "4.3.0", "Error: internal error, try again later")
+        self.log.failure("{proto} {peer}: internal error", failure, proto=self.info.protocol,
+                         peer=self.info.client)
+        self._answer(INTERNAL_ERROR)
 
     # -- session state ------------------------------------------------------------------
 
-    def _reset_session(self) -> None:
-        self._helo: str | None = None
-        self._esmtp = False
-        self._reset_transaction()
-
     def _reset_transaction(self) -> None:
-        self._abort_transaction()
-        self._sender: str | None = None  # "" is the null reverse-path
-        self._recipients: list[Recipient] = []
-        self._body = "7BIT"
-        self._smtputf8 = False
-        self._chunking = False  # BDAT started this transaction (DATA is then out of order)
-        self._size = 0  # message octets received, counted as sent (CRLF line ends)
-        self._too_big = False
-        self._unstorable: Refusal | None = None  # the files could not be opened
+        self._abort_message()
+        self.envelope = Envelope()
 
-    def _abort_transaction(self) -> None:
-        if self._transaction is not None:
-            self._transaction.abort()
-            self._transaction = None
+    def _abort_message(self) -> None:
+        message, self.message = self.message, None
+        if message is not None:
+            message.abort()
 
     def _protocol_keyword(self) -> str:
         """The Received ``with`` keyword (RFC 3848, RFC 6531 §3.7.3)."""
+        smtputf8 = self.envelope.smtputf8
         if self.factory.lmtp:
-            keyword = "UTF8LMTP" if self._smtputf8 else "LMTP"
-        elif self._esmtp:
-            keyword = "UTF8SMTP" if self._smtputf8 else "ESMTP"
+            keyword = "UTF8LMTP" if smtputf8 else "LMTP"
+        elif self.session.esmtp:
+            keyword = "UTF8SMTP" if smtputf8 else "ESMTP"
         else:
             return "SMTP"
-        return keyword + "S" if self._tls else keyword
+        return keyword + "S" if self.session.secure else keyword
 
     # -- greetings ------------------------------------------------------------------------
 
@@ -482,7 +359,7 @@ class SMTPServer(protocol.Protocol):
         if not _HELO_NAME.match(argument):
             raise _syntax("EHLO hostname" if esmtp else "HELO hostname")
         self._reset_transaction()
-        self._helo, self._esmtp = argument, esmtp
+        self.session.helo, self.session.esmtp = argument, esmtp
         if not esmtp:
             self._reply(250, None, self.factory.hostname)
             return
@@ -491,28 +368,28 @@ class SMTPServer(protocol.Protocol):
     def _extensions(self) -> list[str]:
         extensions = [f"SIZE {self.settings.max_message_size}", "8BITMIME", "PIPELINING",
                       "ENHANCEDSTATUSCODES", "SMTPUTF8", "CHUNKING"]
-        if self.factory.tls is not None and not self._tls:
+        if self.factory.tls is not None and not self.session.secure:
             extensions.append("STARTTLS")
         return extensions
 
     # -- the envelope --------------------------------------------------------------------
 
     def smtp_MAIL(self, argument: str) -> None:
-        if self._helo is None:
+        if self.session.helo is None:
             raise _sequence("Error: send EHLO first")
-        if self._sender is not None:
+        if self.envelope.started:
             raise _sequence("Error: nested MAIL command")
         path, parameters = _split_path(argument, "FROM")
         body, smtputf8 = self._parse_mail_parameters(parameters)
         sender = _parse_address(path, smtputf8, "5.1.7")
-        self._sender = "" if sender is None else str(sender)
-        self._body, self._smtputf8 = body, smtputf8
-        self.transport.write(_MAIL_OK)
+        self.envelope.sender = "" if sender is None else str(sender)
+        self.envelope.body, self.envelope.smtputf8 = body, smtputf8
+        self._write(_MAIL_OK)
 
     def _parse_mail_parameters(self, parameters: list[str]) -> tuple[str, bool]:
         """Check MAIL's ESMTP parameters; return (BODY type, SMTPUTF8 given)."""
-        if parameters and not self._esmtp:
-            raise CommandError(555, "5.5.4", "Error: parameters need EHLO")
+        if parameters and not self.session.esmtp:
+            raise SMTPCommandError(555, "5.5.4", "Error: parameters need EHLO")
         values: dict[str, str | None] = {}
         for parameter in parameters:
             keyword, has_value, value = parameter.partition("=")
@@ -520,7 +397,7 @@ class SMTPServer(protocol.Protocol):
             if not _ESMTP_KEYWORD.match(keyword) or (has_value and not _ESMTP_VALUE.match(value)):
                 raise _syntax("MAIL FROM:<address> [SIZE=n] [BODY=type] [SMTPUTF8]")
             if keyword not in ("SIZE", "BODY", "SMTPUTF8"):
-                raise CommandError(555, "5.5.4", f"Error: unsupported parameter {keyword}")
+                raise SMTPCommandError(555, "5.5.4", f"Error: unsupported parameter {keyword}")
             if keyword in values:
                 raise _syntax(f"{keyword} given twice")
             values[keyword] = value if has_value else None
@@ -528,7 +405,7 @@ class SMTPServer(protocol.Protocol):
             self._check_declared_size(values["SIZE"])
         body = values.get("BODY", "7BIT")
         if body is not None and body.upper() == "BINARYMIME":
-            raise CommandError(555, "5.5.4", "Error: BODY=BINARYMIME is not supported")
+            raise SMTPCommandError(555, "5.5.4", "Error: BODY=BINARYMIME is not supported")
         if body is None or body.upper() not in _BODY_TYPES:
             raise _syntax("BODY=7BIT|8BITMIME")
         if values.get("SMTPUTF8") is not None:
@@ -540,31 +417,31 @@ class SMTPServer(protocol.Protocol):
             raise _syntax("SIZE=<number of octets>")
         if int(value) > self.settings.max_message_size:
             # RFC 1870 §6.1: refuse a declared size over the fixed maximum at MAIL time.
-            raise CommandError(552, "5.3.4", "Error: message size exceeds fixed maximum "
-                                             "message size")
+            raise SMTPCommandError(TOO_BIG.code, TOO_BIG.enhanced, TOO_BIG.text)
 
     def smtp_RCPT(self, argument: str) -> None:
-        if self._sender is None:
+        if not self.envelope.started:
             raise _sequence("Error: need MAIL command")
         path, parameters = _split_path(argument, "TO")
         if parameters:
-            raise CommandError(555, "5.5.4", "Error: RCPT parameters are not supported")
-        if len(self._recipients) >= self.settings.max_recipients:
+            raise SMTPCommandError(555, "5.5.4", "Error: RCPT parameters are not supported")
+        if len(self.envelope.recipients) >= self.settings.max_recipients:
             # RFC 5321 §4.5.3.1.10: a temporary failure, not counted as a client error.
             self._reply(452, "4.5.3", "Error: too many recipients")
             return
         if path.lower() == "<postmaster>":
             address, resolution = "postmaster", self.factory.router.resolve_postmaster()
         else:
-            mailbox = _parse_address(path, self._smtputf8, "5.1.3")
+            mailbox = _parse_address(path, self.envelope.smtputf8, "5.1.3")
             if mailbox is None:
-                raise CommandError(501, "5.1.3", "Error: the null path is not a recipient")
+                raise SMTPCommandError(501, "5.1.3", "Error: the null path is not a recipient")
             address, resolution = str(mailbox), self.factory.router.resolve(mailbox)
         if resolution.refusal is not None:
             refusal = resolution.refusal
-            raise CommandError(refusal.code, refusal.enhanced, f"<{address}>: {refusal.text}")
-        self._recipients.append(Recipient(address, resolution.users))
-        self.transport.write(_RCPT_OK)
+            raise SMTPCommandError(refusal.code, refusal.enhanced,
+                                   f"<{address}>: {refusal.text}")
+        self.envelope.recipients.append(Recipient(address, resolution.users))
+        self._write(_RCPT_OK)
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:
@@ -584,151 +461,139 @@ class SMTPServer(protocol.Protocol):
 
     def smtp_HELP(self, argument: str) -> None:
         available = [c for c in self.factory.commands
-                     if c != "STARTTLS" or (self.factory.tls is not None and not self._tls)]
+                     if c != "STARTTLS" or (self.factory.tls is not None
+                                            and not self.session.secure)]
         self._reply(214, "2.0.0", "Commands: " + " ".join(available),
                     "See RFC 5321" if not self.factory.lmtp else "See RFC 2033")
 
     def smtp_EXPN(self, argument: str) -> None:
         # RFC 5321 §3.5.2 / §4.2.4: recognised, deliberately not implemented (mailing-list
         # expansion would enumerate users): 502, not "unknown command".
-        raise CommandError(502, "5.5.1", "Error: EXPN is not available")
+        raise SMTPCommandError(502, "5.5.1", "Error: EXPN is not available")
 
     def smtp_QUIT(self, argument: str) -> None:
         if argument:
             raise _syntax("QUIT")
         self._reply(221, "2.0.0", "Bye")
-        self._close()
+        self.close("quit")
 
     def smtp_STARTTLS(self, argument: str) -> None:
         if argument:
             raise _syntax("STARTTLS")
         if self.factory.tls is None:
-            raise CommandError(502, "5.5.1", "Error: STARTTLS is not available")
-        if self._tls:
+            raise SMTPCommandError(502, "5.5.1", "Error: STARTTLS is not available")
+        if self.session.secure:
             raise _sequence("Error: TLS is already active")
         self._reply(220, "2.0.0", "Ready to start TLS")
         # RFC 3207 §4.2 / CVE-2011-0411: anything the client sent after STARTTLS in
         # plaintext could have been injected by an attacker; it must not run inside TLS.
         self._buffer, self._position = b"", 0
-        self._tls = True
-        self._reset_session()
+        self.session.secure = True
+        self.session.forget_greeting()
+        self._reset_transaction()
         self.transport.startTLS(self.factory.tls)
 
     # -- message data ---------------------------------------------------------------------
 
     def _check_ready_for_data(self) -> None:
-        if self._sender is None:
+        if not self.envelope.started:
             raise _sequence("Error: need MAIL command")
-        if not self._recipients:
+        if not self.envelope.recipients:
             if self.factory.lmtp:
                 raise _sequence("Error: no valid recipients")  # RFC 2033 §4.2
-            raise CommandError(554, "5.5.1", "Error: no valid recipients")
+            raise SMTPCommandError(554, "5.5.1", "Error: no valid recipients")
 
-    def _begin(self) -> defer.Deferred:
-        """Start opening the message files; the Deferred fires with a Transaction."""
-        envelope = Envelope(
-            sender=self._sender,
-            recipients=tuple(self._recipients),
-            helo=self._helo,
-            client_ip=self._client_ip if self._peer_text is not None else getattr(
-                self.transport.getPeer(), "host", None),
-            protocol=self._protocol_keyword(),
-            tls=tls_description(self.transport) if self._tls else None,
-        )
-        return self.factory.deliverer.begin(envelope)
+    def _open_message(self, chunking: bool) -> defer.Deferred:
+        """Start a :class:`MessageInFlight` and the opening of its files.
 
-    def _open_transaction(self, opened, failed) -> None:
-        """Open the message files (asynchronously; no input is read meanwhile).
-
-        Then ``opened()`` runs with the transaction in place, or ``failed(refusal)``.
+        The Deferred fires once the files are open (the message then RECEIVING, its
+        transaction set) or could not be (the message then refused with ``451``), either
+        way with nothing to answer yet.
         """
-        d = self._begin()
-        d.addCallbacks(self._transaction_opened, self._transaction_not_opened,
-                       callbackArgs=(opened,), errbackArgs=(failed,))
-        self._wait_for(d)
+        message = self.message = MessageInFlight(chunking=chunking)
+        arrival = Arrival(
+            sender=self.envelope.sender,
+            recipients=tuple(self.envelope.recipients),
+            helo=self.session.helo,
+            client_ip=None if self.client_host == "local" else self.client_host,
+            protocol=self._protocol_keyword(),
+            tls=tls_description(self.transport) if self.session.secure else None,
+        )
+        d = self.factory.deliverer.begin(arrival)
+        d.addCallbacks(self._files_opened, self._files_not_opened,
+                       callbackArgs=(message,), errbackArgs=(message,))
+        return d
 
-    def _transaction_opened(self, transaction, opened) -> None:
-        if self._mode is Mode.CLOSED:
-            transaction.abort()
+    def _files_opened(self, transaction, message: MessageInFlight) -> None:
+        if self.message is not message or message.refusal is not None:
+            transaction.abort()  # the session or the transaction ended meanwhile
             return
-        self._transaction = transaction
-        opened()
+        message.transaction = transaction
+        message.stage = Stage.RECEIVING
 
-    def _transaction_not_opened(self, failure, failed) -> None:
+    def _files_not_opened(self, failure, message: MessageInFlight) -> None:
         if failure.check(OSError):
             self.log.error("cannot open a message for {rcpts}: {error}",
-                           rcpts=[r.address for r in self._recipients], error=failure.value)
+                           rcpts=[r.address for r in self.envelope.recipients],
+                           error=failure.value)
         else:
             self.log.failure("cannot open a message", failure)
-        failed(Refusal(451, "4.3.0", "Error: cannot store the message now"))
+        message.stage = Stage.RECEIVING
+        message.refuse(CANNOT_STORE)
 
     def smtp_DATA(self, argument: str) -> None:
         if argument:
             raise _syntax("DATA")
         self._check_ready_for_data()
-        if self._chunking:
+        if self.message is not None and self.message.chunking:
             # RFC 3030 §3: DATA and BDAT do not mix in one transaction.
             raise _sequence("Error: use BDAT for this message")
         # 354 goes out at once, in the same write as the replies pipelined before DATA,
         # while the files are opened (a thread hop).  Message data that arrives first
-        # waits in the input buffer (bounded, see _update_reading); if the files cannot
-        # be opened, the data is read and the message refused at its end (451).
-        self._opening = True
-        d = self._begin()
-        d.addCallbacks(self._transaction_opened, self._transaction_not_opened,
-                       callbackArgs=(self._data_files_opened,),
-                       errbackArgs=(self._data_files_not_opened,))
+        # waits in the input buffer (bounded by lineproto's back-pressure); if the files
+        # cannot be opened, the data is read and the message refused at its end (451).
+        d = self._open_message(chunking=False)
+        d.addCallback(lambda _: self.process_input())
         d.addErrback(self._internal_error_in_data)
-        self._start_data()
-
-    def _data_files_opened(self) -> None:
-        self._opening = False
-        self._process()
-
-    def _data_files_not_opened(self, refusal: Refusal) -> None:
-        self._opening = False
-        self._unstorable = refusal
-        self._process()
+        self.message.data_decoder = DataDecoder()
+        self._mode = Mode.DATA
+        # RFC 2034 §4 allows 354 without an enhanced code; clients expect it bare.
+        self._write(_GO_AHEAD)
+        self._restart_idle_timer()
 
     def _internal_error_in_data(self, failure) -> None:
         self.log.failure("{proto} {peer}: internal error in DATA", failure,
-                         proto=self._name, peer=self._peer())
-        self._reply(451, "4.3.0", "Error: internal error, try again later")
-        self._close()
-
-    def _start_data(self) -> None:
-        self._decoder = DataDecoder()
-        self._mode = Mode.DATA
-        # RFC 2034 §4 allows 354 without an enhanced code; clients expect it bare.
-        self.transport.write(_GO_AHEAD)
-        self._restart_idle_timer()
+                         proto=self.info.protocol, peer=self.info.client)
+        self._answer(INTERNAL_ERROR)
+        self.close("internal error")
 
     def _read_data(self) -> bool:
-        if self._opening:
+        message = self.message
+        if message.stage is Stage.OPENING:
             return False  # the data waits in the buffer until there is a file for it
         data = self._buffer[self._position:] if self._position else self._buffer
-        body, rest = self._decoder.feed(data)
-        self._store(body)
+        body, rest = message.data_decoder.feed(data)
+        self._write_body(body)
         if rest is None:
             self._position = len(self._buffer)
             return True
         self._position = len(self._buffer) - len(rest)
         self._back_to_commands()
-        self._end_of_message(self._decoder.bare_newline)
+        self._end_of_message(message.data_decoder.bare_newline)
         return True
 
-    def _store(self, body: bytes) -> None:
+    def _write_body(self, body: bytes) -> None:
         """Count and write decoded (LF) body bytes; over the limit, keep only counting."""
         if not body:
             return
-        self._size += len(body) + body.count(b"\n")  # as sent: CRLF line ends
-        if self._transaction is None:
-            return  # too big already, or no files: only counting
-        if self._size > self.settings.max_message_size:
-            self._too_big = True
-            self._abort_transaction()
+        message = self.message
+        message.size += len(body) + body.count(b"\n")  # as sent: CRLF line ends
+        if message.transaction is None:
+            return  # refused already: only counting
+        if message.size > self.settings.max_message_size:
+            message.refuse(TOO_BIG)
             return
-        self._transaction.write(body)
+        message.transaction.write(body)
 
     def _back_to_commands(self) -> None:
         self._mode = Mode.COMMAND
@@ -736,45 +601,43 @@ class SMTPServer(protocol.Protocol):
 
     def _end_of_message(self, bare_newline: bool) -> None:
         """The whole message is in: refuse it, or deliver it and answer after fsync."""
-        transaction, recipients = self._transaction, self._recipients
-        self._transaction = None  # its fate is decided here, not by the reset below
-        unstorable = self._unstorable
+        message, recipients = self.message, self.envelope.recipients
+        self.message = None  # its fate is decided here, not by the reset below
         self._reset_transaction()
-        if transaction is None:  # no files to open, or aborted on the way: too big
-            self._answer_message(recipients, unstorable or Refusal(
-                552, "5.3.4", "Error: message size exceeds fixed maximum message size"))
+        transaction = message.transaction
+        if transaction is None:  # refused on the way: too big, or no files
+            self._answer_message(recipients, message.refusal or TOO_BIG)
             return
         if bare_newline and self.settings.bare_newline == "reject":
-            transaction.abort()
-            self._answer_message(recipients, Refusal(
+            message.abort()
+            self._answer_message(recipients, Reply(
                 554, "5.6.0", "Error: bare <CR> or <LF> in message data is not allowed"))
             return
+        message.stage = Stage.COMMITTING
         d = transaction.finish()
         d.addCallbacks(self._delivered, self._not_delivered,
-                       callbackArgs=(transaction,), errbackArgs=(transaction,))
-        self._wait_for(d)
+                       callbackArgs=(transaction, recipients),
+                       errbackArgs=(transaction, recipients))
+        self._wait_for(d, "commit")
 
-    def _delivered(self, _ignored, transaction) -> None:
-        self._messages += 1
-        envelope = transaction.envelope
-        rcpts = ", ".join(u.name for u in transaction.users)
-        peer = self._peer()
-        # One line per message, formatted here: the fields are in the event too, but a
-        # format string without fields is much cheaper for the log observer to render
-        # (this runs for every message, on the reactor thread).
-        text = (f"{transaction.id}: delivered from <{envelope.sender}> to {rcpts} "
-                f"({transaction.size} octets) for {peer}")
-        self.log.info(text.replace("{", "{{").replace("}", "}}"), id=transaction.id,
-                      sender=envelope.sender, rcpts=rcpts, size=transaction.size, peer=peer)
-        self._answer_message(envelope.recipients,
-                             Refusal(250, "2.0.0", f"Ok: queued as {transaction.id}"))
+    def _delivered(self, refusal: Reply | None, transaction, recipients) -> None:
+        if refusal is not None:  # a message check said no
+            self._answer_message(recipients, refusal)
+            return
+        self.session.messages += 1
+        arrival = transaction.arrival
+        self.events.publish(
+            "message", self.info, action="delivered", id=transaction.id,
+            sender=arrival.sender, recipients=tuple(r.address for r in recipients),
+            users=tuple(u.name for u in transaction.users), octets=transaction.stored_octets,
+            list_octets=transaction.list_octets, tls=arrival.tls)
+        self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
-    def _not_delivered(self, failure, transaction) -> None:
+    def _not_delivered(self, failure, transaction, recipients) -> None:
         self.log.failure("{id}: delivery failed", failure, id=transaction.id)
-        self._answer_message(transaction.envelope.recipients,
-                             Refusal(451, "4.3.0", "Error: cannot store the message now"))
+        self._answer_message(recipients, CANNOT_STORE)
 
-    def _answer_message(self, recipients, answer: Refusal) -> None:
+    def _answer_message(self, recipients, answer: Reply) -> None:
         """One reply (SMTP), or one per accepted recipient in order (LMTP, RFC 2033 §4.2)."""
         if not self.factory.lmtp:
             self._answer(answer)
@@ -786,27 +649,19 @@ class SMTPServer(protocol.Protocol):
 
     def smtp_BDAT(self, argument: str) -> None:
         size, last = _parse_bdat(argument)
-        chunk = _Chunk(size, last, None)
+        chunk = Chunk(size, last)
         try:
             self._check_ready_for_data()
-        except CommandError as e:
-            chunk.refusal = e.refusal  # the chunk is read anyway, then refused (RFC 3030 §2)
-        if chunk.refusal is not None or self._transaction is not None:
+        except SMTPCommandError as e:
+            chunk.refusal = e.reply  # the chunk is read anyway, then refused (RFC 3030 §2)
+        if chunk.refusal is not None or self.message is not None:
             self._start_chunk(chunk)
             return
+        d = self._open_message(chunking=True)
+        self.message.chunk_decoder = ChunkDecoder()
+        self._wait_for(d, "opening the message files", then=lambda _: self._start_chunk(chunk))
 
-        def opened():
-            self._chunking = True
-            self._chunk_decoder = ChunkDecoder()
-            self._start_chunk(chunk)
-
-        def failed(refusal: Refusal):
-            chunk.refusal = refusal
-            self._start_chunk(chunk)
-
-        self._open_transaction(opened, failed)
-
-    def _start_chunk(self, chunk: _Chunk) -> None:
+    def _start_chunk(self, chunk: Chunk) -> None:
         self._chunk = chunk
         self._mode = Mode.CHUNK
         self._restart_idle_timer()
@@ -820,36 +675,37 @@ class SMTPServer(protocol.Protocol):
         self._position += take
         chunk.remaining -= take
         if chunk.refusal is None:
-            self._store(self._chunk_decoder.feed(data))
+            self._write_body(self.message.chunk_decoder.feed(data))
         if chunk.remaining == 0:
             self._end_of_chunk()
         return True
 
-    def _refuse_chunk(self, chunk: _Chunk) -> None:
+    def _refuse_chunk(self, chunk: Chunk) -> None:
         """RFC 3030 §2: a refused chunk fails the whole transaction, so chunks pipelined
         after it are read, discarded and refused too (503: no transaction)."""
-        recipients, had_envelope = self._recipients, self._sender is not None
-        if had_envelope:
+        recipients = self.envelope.recipients
+        if self.envelope.started:
             self._reset_transaction()
         refusal = chunk.refusal
         if chunk.last and self.factory.lmtp and recipients:
             self._answer_message(recipients, refusal)  # RFC 2033 §4.2: one per recipient
             return
-        self._refuse(CommandError(refusal.code, refusal.enhanced, refusal.text))
+        self._refuse(SMTPCommandError(refusal.code, refusal.enhanced, refusal.text))
 
     def _end_of_chunk(self) -> None:
-        chunk = self._chunk
+        chunk, self._chunk = self._chunk, None
         self._back_to_commands()
         if chunk.refusal is not None:
             self._refuse_chunk(chunk)
         elif chunk.last:
-            self._store(self._chunk_decoder.feed(b"", last=True))
-            self._end_of_message(self._chunk_decoder.bare_newline)
-        elif self._too_big:
+            decoder = self.message.chunk_decoder
+            self._write_body(decoder.feed(b"", last=True))
+            self._end_of_message(decoder.bare_newline)
+        elif self.message.refusal is not None:
             # RFC 3030 §2: a failed chunk fails the transaction; the client must not go on.
+            refusal = self.message.refusal
             self._reset_transaction()
-            self._answer(Refusal(552, "5.3.4", "Error: message size exceeds fixed maximum "
-                                               "message size"))
+            self._answer(refusal)
         else:
             self._reply(250, "2.0.0", f"{chunk.size} octets received")
 
@@ -857,11 +713,11 @@ class SMTPServer(protocol.Protocol):
 def _parse_address(path: str, smtputf8: bool, enhanced: str):
     """Parse a MAIL/RCPT path; ``enhanced`` is 5.1.7 (sender) or 5.1.3 (recipient)."""
     if not smtputf8 and not path.isascii():
-        raise CommandError(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
+        raise SMTPCommandError(553, "5.6.7", "Error: non-ASCII address needs SMTPUTF8")
     try:
         return parse_path(path, utf8=smtputf8)
     except AddressError as e:
-        raise CommandError(501, enhanced, f"Error: bad address syntax: {e}") from None
+        raise SMTPCommandError(501, enhanced, f"Error: bad address syntax: {e}") from None
 
 
 def _split_path(argument: str, keyword: str) -> tuple[str, list[str]]:
@@ -906,49 +762,26 @@ def _parse_bdat(argument: str) -> tuple[int, bool]:
     return int(words[0]), len(words) == 2
 
 
-class _RefusedConnection(protocol.Protocol):
-    """Over a connection cap: say why (RFC 5321 §3.8: 421 at greeting) and hang up."""
 
-    def __init__(self, hostname: str, reason: str):
-        self._hostname, self._reason = hostname, reason
+class SMTPFactory(SessionFactory):
+    """Builds sessions for one SMTP, implicit-TLS SMTP or LMTP listener.
 
-    def connectionMade(self) -> None:
-        self.transport.write(f"421 4.7.0 {self._hostname} {self._reason}\r\n".encode())
-        self.transport.loseConnection()
+    The router and the deliverer are the process's own (built once by
+    :func:`popgate.service.makeService`), shared by every SMTP-side listener.
+    """
 
+    session_class = SMTPServer
 
-class SMTPFactory(protocol.Factory):
-    """Builds sessions for one SMTP, implicit-TLS SMTP or LMTP listener."""
-
-    noisy = False  # ListenerService logs where it listens; no "Starting factory" lines
-
-    log = Logger()
-
-    def __init__(self, *, config, users, store, clock, run_in_thread, limiter, tls=None,
-                 lmtp: bool = False, implicit_tls: bool = False, spares: int = 64):
-        self.config = config
-        self.hostname = config.hostname
-        self.clock = clock
-        self.limiter = limiter
-        self.tls = tls
+    def __init__(self, *, config, router: Router, deliverer: Deliverer, clock, limiter,
+                 events, tls=None, lmtp: bool = False, implicit_tls: bool = False):
+        super().__init__(config=config, clock=clock, limiter=limiter, events=events, tls=tls,
+                         implicit_tls=implicit_tls)
         self.lmtp = lmtp
-        self.implicit_tls = implicit_tls
+        self.protocol_name = "LMTP" if lmtp else "SMTP"
         self.commands = LMTP_COMMANDS if lmtp else SMTP_COMMANDS
-        self.router = Router(config, users)
-        self.deliverer = Deliverer(store, run_in_thread, hostname=self.hostname,
-                                   now=clock.seconds, spares=spares)
-        self.refusal_log = LogLimiter(clock)
+        self.router = router
+        self.deliverer = deliverer
 
-    def stopFactory(self) -> None:
-        """The last listener using this factory stopped: remove the spare files."""
-        self.deliverer.close()
-
-    def buildProtocol(self, addr) -> protocol.Protocol:
-        host = getattr(addr, "host", None) or "local socket"
-        reason = self.limiter.acquire(host)
-        if reason is not None:
-            if self.refusal_log.allow((host, reason)):
-                self.log.warn("refused connection from {host}: {reason}",
-                              host=host, reason=reason)
-            return _RefusedConnection(self.hostname, reason)
-        return SMTPServer(self, host)
+    def refusal_line(self, reason: str) -> bytes:
+        # RFC 5321 §3.8: a server that cannot serve answers 421 instead of its greeting.
+        return f"421 4.7.0 {self.hostname} {reason}\r\n".encode()

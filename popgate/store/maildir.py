@@ -66,7 +66,7 @@ _CRLF_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|\Z)")
 _ORDER = re.compile(r"(\d+)\.M(\d+)P\d+Q(\d+)")
 _READ_BLOCK = 1 << 20
 WRITE_BUFFER = 64 * 1024  # message bytes buffered before a write to the tmp/ file
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 _pid = os.getpid()  # for message names: os.getpid() is a system call on each use
@@ -372,6 +372,23 @@ class IncomingMessage:
             while written < len(buffer):
                 written += os.write(self._fd, view[written:])
         buffer.clear()
+
+    def prepend(self, data: bytes) -> None:
+        """Put ``data`` before everything written so far (header lines that a message
+        check adds once the whole message is in).  The content is shifted in place, block
+        by block from the end: slow for a big message, so run it in a thread.  The file
+        is still in ``tmp/``, invisible: a crash half-way leaves only a stale file."""
+        self.flush()
+        shift = len(data)
+        end = os.fstat(self._fd).st_size
+        while end > 0:
+            start = max(0, end - _READ_BLOCK)
+            os.pwrite(self._fd, os.pread(self._fd, end - start, start), start + shift)
+            end = start
+        os.pwrite(self._fd, data, 0)
+        os.lseek(self._fd, 0, os.SEEK_END)
+        self.size += shift
+        self.lines += data.count(b"\n")
 
     @property
     def final_name(self) -> str:

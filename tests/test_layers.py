@@ -1,0 +1,90 @@
+"""The architecture's rules, checked from the modules' imports (docs/design.md).
+
+Each rule names who may not import whom; a rule broken by a new import fails here with
+the module and the import, before it becomes a tangle.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from twisted.trial.unittest import TestCase
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "popgate"
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    """Every module ``path`` imports (``from a import b`` counts as ``a`` and ``a.b``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def modules(under: str) -> dict[str, set[str]]:
+    base = PACKAGE / under if under else PACKAGE
+    paths = [base.with_suffix(".py")] if base.with_suffix(".py").exists() else base.rglob("*.py")
+    return {str(p.relative_to(ROOT)): imports_of(p) for p in paths}
+
+
+def offending(under: str, forbidden: tuple[str, ...]) -> list[str]:
+    return [f"{module} imports {name}" for module, names in sorted(modules(under).items())
+            for name in sorted(names)
+            if any(name == f or name.startswith(f + ".") for f in forbidden)]
+
+
+class LayerRuleTests(TestCase):
+    def test_the_store_knows_no_protocol_no_twisted_and_no_auth(self):
+        self.assertEqual(offending("store", ("popgate.smtp", "popgate.pop3", "popgate.auth",
+                                             "popgate.observe", "popgate.web", "twisted")), [])
+
+    def test_smtp_and_pop3_never_import_each_other(self):
+        self.assertEqual(offending("smtp", ("popgate.pop3",)), [])
+        self.assertEqual(offending("pop3", ("popgate.smtp",)), [])
+
+    def test_the_pop3_protocol_reaches_mail_only_through_the_realm(self):
+        self.assertEqual(offending("pop3/server", ("popgate.store",)), [])
+
+    def test_protocols_never_import_their_observers(self):
+        for layer in ("smtp", "pop3", "auth", "lineproto", "events"):
+            self.assertEqual(offending(layer, ("popgate.observe", "popgate.web",
+                                               "popgate.service")), [], layer)
+
+    def test_shared_layers_import_no_protocol(self):
+        shared = ("addresses", "codec", "config", "events", "fileio", "limits", "lineproto",
+                  "loglimit", "proxy", "tls", "auth")
+        for layer in shared:
+            self.assertEqual(offending(layer, ("popgate.smtp", "popgate.pop3",
+                                               "popgate.service")), [], layer)
+
+    def test_only_the_wiring_point_and_the_command_line_import_the_service(self):
+        importers = [module for module, names in modules("").items()
+                     if "popgate.service" in names or any(n.startswith("popgate.service.")
+                                                          for n in names)]
+        self.assertEqual(sorted(importers), ["popgate/tap.py"])
+
+    def test_the_plugin_only_declares(self):
+        plugin = ROOT / "twisted" / "plugins" / "popgate_plugin.py"
+        self.assertEqual(imports_of(plugin), {"twisted.application.service",
+                                              "twisted.application.service.ServiceMaker"})
+
+    def test_config_does_no_lookups_at_attribute_access(self):
+        tree = ast.parse((PACKAGE / "config.py").read_text(encoding="utf-8"))
+        properties = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                      and any(getattr(d, "id", None) == "property" for d in node.decorator_list)]
+        calls = {ast.unparse(call.func) for prop in properties for call in ast.walk(prop)
+                 if isinstance(call, ast.Call)}
+        # Pure computations only (joining paths, a truth value): no file, no host lookup.
+        self.assertEqual(calls - {"os.path.join", "bool"}, set())
