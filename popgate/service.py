@@ -209,7 +209,6 @@ def makeService(config: Config, reactor=None) -> MultiService:
     tls = _tls_creator(config, reactor)
     trusted = parse_networks(config.limits.trusted_networks)
 
-    events = EventBus()
     top = MultiService()
     StorageService(config, store).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
