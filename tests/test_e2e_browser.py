@@ -2,8 +2,9 @@
 
 The test opens the page of a real ``twistd -n popgate``, then talks SMTP and POP3 to it
 from raw sockets, step by step, and waits for the page to show each step live: the SMTP
-session and its arrow to the mailbox, the message in ``new/``, the POP3 session in
-TRANSACTION with the message marked deleted, and the message gone after QUIT.  It saves
+session and its arrow to the mailbox, the message in ``new/``, a second message being
+received (its ``tmp/`` file), the POP3 session in TRANSACTION with the first message
+marked deleted, and after QUIT the first message gone, the second still there.  It saves
 a screenshot (``dashboard.png``, while the message is marked deleted, and
 ``dashboard-after-quit.png``) under this test's directory in ``_trial_temp`` and prints
 their paths.  Needs ``chromium`` and ``chromedriver`` (Debian ``chromium``,
@@ -105,20 +106,23 @@ class DashboardBrowserTests(TestCase):
         wait.until(shown.text_to_be_present_in_element((By.ID, "status"), "live"))
         self.assertIn(USER, text_of(MAILBOX))
 
+        # Push: a session, its arrow to alice's mailbox, the message in new/.
         smtp = Line(server.port("SMTP"))
         smtp.smtp("EHLO browser.test")
         smtp.smtp("MAIL FROM:<teacher@example.net>")
         self.assertTrue(smtp.smtp(f"RCPT TO:<{USER}>").startswith(b"250"))
-        self.assertIn(USER, text_of(".card.smtp"))  # the session, with its arrow's target
+        self.assertIn(USER, text_of(".card.smtp"))
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#wires path.push"))
         smtp.smtp("DATA")
-        self.assertTrue(smtp.smtp("Subject: seen live\r\n\r\nHello.\r\n.").startswith(b"250"))
+        self.assertTrue(smtp.smtp("Subject: first\r\n\r\nHello.\r\n.").startswith(b"250"))
         text_of(f"{MAILBOX} .chip.new")
-        smtp.smtp("QUIT")
-        smtp.close()
-        gone(".card.smtp")
-        self.assertIn("SMTP", text_of("#recent-sessions details"))
+        # A second message stays half-sent while alice's client logs in.
+        smtp.smtp("MAIL FROM:<teacher@example.net>")
+        smtp.smtp(f"RCPT TO:<{USER}>")
+        self.assertTrue(smtp.smtp("DATA").startswith(b"354"))
+        self.assertIn("receiving", text_of(f"{MAILBOX} .chip.writing"))
 
+        # Pull: the POP3 state, a message marked deleted.
         pop3 = Line(server.port("POP3"))
         pop3.pop3(f"USER {USER}")
         self.assertTrue(pop3.pop3(f"PASS {PASSWORD}").startswith(b"+OK"))
@@ -130,11 +134,21 @@ class DashboardBrowserTests(TestCase):
         first = os.path.join(self.directory, "dashboard.png")
         driver.save_screenshot(first)
         self.assertNotIn(PASSWORD, driver.page_source)
+
+        # The second message arrives; QUIT removes the first, not the second (the POP3
+        # session lists what was there when it logged in).
+        self.assertTrue(smtp.smtp("Subject: second\r\n\r\nAgain.\r\n.").startswith(b"250"))
+        smtp.smtp("QUIT")
+        smtp.close()
+        gone(".card.smtp")
+        self.assertIn("2 message(s) delivered", text_of("#recent-sessions details"))
         self.assertTrue(pop3.pop3("QUIT").startswith(b"+OK"))
         pop3.close()
         gone(".card.pop3")
-        gone(f"{MAILBOX} .chip.new, {MAILBOX} .chip.cur, {MAILBOX} .chip.marked")
-        self.assertIn("0 messages", text_of(f"{MAILBOX} .totals"))
+        gone(f"{MAILBOX} .chip.marked")
+        wait.until(shown.text_to_be_present_in_element(
+            (By.CSS_SELECTOR, f"{MAILBOX} .totals"), "1 message,"))
+        self.assertEqual(len(driver.find_elements(By.CSS_SELECTOR, f"{MAILBOX} .chip.new")), 1)
         after = os.path.join(self.directory, "dashboard-after-quit.png")
         driver.save_screenshot(after)
         return [first, after]
