@@ -159,6 +159,8 @@ class LabEndToEndTests(TestCase):
                                       result="failed"), 1)
         self.assertEqual(value("popgate_pop3_commands_total", command="RETR"), 1)
         self.assertEqual(value("popgate_pop3_commands_total", command="DELE"), 1)
+        self.assertEqual(value("popgate_refusals_total", protocol="SMTP", reason="500 5.5.2"),
+                         1)  # AUTH: popgate has none
         self.assertEqual(value("popgate_mailbox_messages", user=USER), 1)
         self.assertEqual(value("popgate_auth_queue_length"), 0)
 

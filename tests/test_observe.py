@@ -103,7 +103,10 @@ class MetricsTests(TestCase):
                                 recipients=("alice@example.org",), users=("alice@example.org",),
                                 octets=octets, list_octets=octets + 5, tls=False,
                                 latency=0.004)
-        self.events.publish("refused", smtp, reason="unknown user", reply="550 5.1.1 no")
+        self.events.publish("refused", smtp, reason="<x@y>: unknown user",
+                            reply="550 5.1.1 <x@y>: unknown user")
+        self.events.publish("refused", smtp, reason="too many sessions",
+                            reply="421 4.7.0 mx.test Error: too many sessions")
         pop3 = session(self.events)
         self.events.publish("connected", pop3, tls=False)
         self.assertEqual(self.value("popgate_sessions_open", protocol="SMTP"), 1)
@@ -123,7 +126,9 @@ class MetricsTests(TestCase):
         self.assertEqual(self.value("popgate_delivery_seconds_bucket", le="0.005"), 2)
         self.assertEqual(self.value("popgate_delivery_seconds_bucket", le="0.0025"), 0)
         self.assertEqual(self.value("popgate_refusals_total", protocol="SMTP",
-                                    reason="unknown user"), 1)
+                                    reason="550 5.1.1"), 1)
+        self.assertEqual(self.value("popgate_refusals_total", protocol="SMTP",
+                                    reason="421 4.7.0"), 1)
         self.assertEqual(self.value("popgate_logins_total", protocol="POP3", result="ok"), 1)
         self.assertEqual(self.value("popgate_logins_total", protocol="POP3", result="failed"), 1)
         self.assertEqual(self.value("popgate_pop3_commands_total", command="RETR"), 2)
@@ -137,10 +142,11 @@ class MetricsTests(TestCase):
         self.assertIsNone(self.value("popgate_sessions_open", protocol="POP3"))
 
     def test_refusal_reasons_are_bounded(self):
-        info = session(self.events, "SMTP")
+        info = session(self.events)
         for n in range(MAX_REASONS + 5):
-            self.events.publish("refused", info, reason=f"reason {n}", reply="")
-        self.assertEqual(self.value("popgate_refusals_total", protocol="SMTP",
+            self.events.publish("refused", info, reason=f"reason {n}",
+                                reply="-ERR [IN-USE] busy")
+        self.assertEqual(self.value("popgate_refusals_total", protocol="POP3",
                                     reason="other"), 5)
 
     def test_mailbox_gauges_bounded_biggest_first(self):

@@ -11,8 +11,9 @@ tests) do not share counters.  The metrics, all prefixed ``popgate_``:
 ``messages_delivered_total{protocol}``   messages stored (one per SMTP transaction)
 ``delivered_octets_total{protocol}``     their size as stored (LF line ends)
 ``pop3_commands_total{command}``         RETR, TOP and DELE that succeeded
-``refusals_total{protocol,reason}``      refusals, by reason (at most 50 reasons; the
-                                         rest count as ``other``)
+``refusals_total{protocol,reason}``      refusals: SMTP by reply code ("550 5.1.1"),
+                                         POP3 and connection caps by reason (at most
+                                         50 values; the rest count as ``other``)
 ``delivery_seconds``                     histogram: end of data to ``250``
 ``mailbox_messages{user}``, ``_octets``  per user, from the last Maildir survey (at most
                                          ``max_users`` users, the biggest; the rest as
@@ -20,13 +21,14 @@ tests) do not share counters.  The metrics, all prefixed ``popgate_``:
 ``auth_queue_length``                    password checks waiting for a hashing thread
 =======================================  ============================================
 
-Secrets cannot reach a label: labels are protocol names, fixed words, refusal reasons
-(written by the protocols, never client input) and user names from the user database.
+Secrets cannot reach a label: labels are protocol names, fixed words, reply codes,
+refusal reasons written by the protocols and user names from the user database.
 Reactor thread only, except :meth:`MetricsPage.render_GET`, which also runs there.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,6 +39,7 @@ from twisted.web.resource import Resource
 from popgate.events import Event, EventBus
 
 MAX_REASONS = 50
+_SMTP_CODES = re.compile(r"[245]\d\d(?: [245]\.\d{1,3}\.\d{1,3})?(?= |\Z)")
 _POP3_COMMANDS = {"retrieved": "RETR", "topped": "TOP", "deleted": "DELE"}
 # From a loopback fsync (under a millisecond) to a slow disk or a busy group commit.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -95,7 +98,7 @@ class Metrics:
         elif kind == "login":
             self.logins.labels(protocol, data.get("result", "error")).inc()
         elif kind == "refused":
-            self.refusals.labels(protocol, self._reason(data.get("reason", ""))).inc()
+            self.refusals.labels(protocol, self._reason(data)).inc()
         elif kind == "message":
             self._message(protocol, data)
 
@@ -110,8 +113,12 @@ class Metrics:
         elif action in _POP3_COMMANDS:
             self.pop3_commands.labels(_POP3_COMMANDS[action]).inc()
 
-    def _reason(self, reason: str) -> str:
-        """Bound the label's values: a reason never seen after MAX_REASONS is "other"."""
+    def _reason(self, data) -> str:
+        """The refusal's label: an SMTP reply's code and enhanced code ("550 5.1.1"; its
+        text may quote the client), else the protocol's reason.  Bounded: a label never
+        seen once MAX_REASONS are known is "other"."""
+        found = _SMTP_CODES.match(data.get("reply") or "")
+        reason = found.group(0) if found else data.get("reason", "")
         if reason in self._reasons:
             return reason
         if len(self._reasons) >= MAX_REASONS:
