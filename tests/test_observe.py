@@ -55,6 +55,17 @@ class TraceTests(TestCase):
             f"{info.id} POP3 127.0.0.1:40001 S: +OK 642 octets "
             "[body: 642 octets, Subject: hello] (+13 lines)"])
 
+    def test_message_data_is_one_line_with_its_sizes(self):
+        info = session(self.events, "SMTP")
+        self.dialogue(info, ("command", "DATA"), ("reply", "354 End data"))
+        self.events.publish("message", info, action="delivered", id="Q1", sender="a@b.test",
+                            recipients=("c@d.test",), users=("c@d.test",), octets=460,
+                            list_octets=474, tls=None)
+        self.events.publish("message", info, action="retrieved", number=1, uidl="u", octets=9)
+        self.assertEqual(self.lines()[-1], f"{info.id} SMTP 127.0.0.1:40001 C: [message data: "
+                                           "460 octets stored, 474 as LIST reports them]")
+        self.assertEqual(len(self.lines()), 3)
+
     def test_secrets_masked_even_if_a_protocol_forgot(self):
         """The protocols mask before they publish; the trace masks again, so that a
         forgotten path still shows nothing."""

@@ -9,8 +9,9 @@ line, e.g.::
 
 The session id comes first so that ``grep 3QZK1`` gives one session.  A reply of several
 lines is shown by its first line and the number of lines that follow; a message body
-(DATA, BDAT, RETR, TOP) only by the summary the protocol gives (octets, first header
-lines), never whole.  Secrets are masked by the protocol before it publishes, and once
+(RETR, TOP) only by the summary the protocol gives, never whole; the data of a message
+delivered over SMTP or LMTP (DATA, BDAT) as one ``C: [message data: ...]`` line with its
+sizes, from the delivery event.  Secrets are masked by the protocol before it publishes, and once
 more here (:class:`~popgate.observe.redact.SecretMask`).
 
 The log events carry ``session``, ``protocol``, ``client``, ``direction`` (``C`` or ``S``)
@@ -39,7 +40,7 @@ class ProtocolTrace:
         self._mask = SecretMask()
 
     def subscribe(self, events: EventBus) -> Callable[[], None]:
-        return events.subscribe(self, ("command", "reply", "closed"))
+        return events.subscribe(self, ("command", "reply", "message", "closed"))
 
     def __call__(self, event: Event) -> None:
         session = event.session
@@ -47,7 +48,11 @@ class ProtocolTrace:
             self._mask.closed(session.id)
             return
         line = event.data.get("line", "")
-        if event.kind == "command":
+        if event.kind == "message":
+            if event.data.get("action") != "delivered":
+                return
+            direction, line = "C", delivered_body(event.data)
+        elif event.kind == "command":
             direction, line = "C", self._mask.command(session.id, line)
         else:
             direction = "S"
@@ -55,6 +60,13 @@ class ProtocolTrace:
         line = describe_line(line, event.data)
         self._log.info(_FORMAT, session=session.id, protocol=session.protocol,
                        client=session.client, direction=direction, line=line)
+
+
+def delivered_body(data) -> str:
+    """The message data a client sent (DATA or BDAT), as the trace shows it: the
+    protocol publishes no line per body line, only the delivery, just before its 250."""
+    return (f"[message data: {data.get('octets')} octets stored, {data.get('list_octets')} "
+            f"as LIST reports them]")
 
 
 def describe_line(text: str, data) -> str:

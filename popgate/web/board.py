@@ -28,7 +28,7 @@ from twisted.internet import defer
 
 from popgate.events import Event, EventBus
 from popgate.observe.redact import SecretMask
-from popgate.observe.trace import describe_line
+from popgate.observe.trace import delivered_body, describe_line
 from popgate.store.survey import MaildirSurvey
 
 _RCPT = re.compile(r"RCPT\s+TO:\s*<([^>]*)>", re.IGNORECASE)
@@ -121,6 +121,7 @@ class LabBoard:
                         ("id", "sender", "recipients", "users", "octets", "list_octets", "tls")}
             session["delivered"] = (session["delivered"] + [delivery])[-_MAX_DELIVERIES:]
             session["doing"] = "delivered"  # until its next command
+            self._transcript(session, event, "C", delivered_body(data))
             for user in data.get("users", ()):
                 self._flow("push", event.session.id, user, data.get("id"))
         elif action in ("retrieved", "topped"):
