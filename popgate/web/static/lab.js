@@ -274,9 +274,12 @@ function drawWires(open) {
 }
 
 function animateFlow(flow) {
-  const session = cardOf("data-session", flow.session);
+  // A session of a few milliseconds (swaks, curl) may be over before its card is drawn:
+  // the envelope then starts from (or flies to) its column's heading.
+  const column = flow.kind === "push" ? "#push h2" : "#pull h2";
+  const session = cardOf("data-session", flow.session) || document.querySelector(column);
   const box = cardOf("data-user", flow.user);
-  if (!session || !box) return;
+  if (!box) return;
   const [from, to] = flow.kind === "push"
     ? [anchor(session, "right"), anchor(box, "left")]
     : [anchor(box, "right"), anchor(session, "left")];
