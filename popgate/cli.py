@@ -1,12 +1,15 @@
-"""The ``popgate`` admin command: users, configuration check, lab certificates.
+"""The ``popgate`` admin command: first run, users, configuration, certificates.
 
+    popgate init [--user NAME] [--hostname H] [--owner USER] [--systemd DIR] ...
     popgate [--config FILE] [--data-dir DIR] user add NAME [--scheme S] [--password-stdin]
     popgate user del NAME | user passwd NAME [--password-stdin] | user list
-    popgate config check
-    popgate tls selfsigned --hostname NAME [--cert FILE] [--key FILE]
+    popgate config check [--server-user USER] | config example
+    popgate tls selfsigned --hostname NAME [--san NAME]... [--cert FILE] [--key FILE]
 
 It edits the same passwd-file the server reads (the server sees changes without a
-restart).  Errors are one line on stderr and exit status 1 (2 for usage errors).
+restart), keeping its owner, group and mode.  Errors are one line on stderr and exit
+status 1 (2 for usage errors); ``popgate -h`` and ``popgate COMMAND -h`` show every
+option with its default.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import socket
 import sys
 
-from popgate import __version__
+from popgate import __version__, firstrun, preflight
 from popgate import config as configuration
 from popgate.addresses import AddressError, normalise_user
 from popgate.auth.users import (
@@ -28,6 +32,7 @@ from popgate.auth.users import (
     hash_password,
     split_scheme,
 )
+from popgate.smtp.delivery import describe_postmaster
 
 
 class CommandError(Exception):
@@ -41,60 +46,117 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (CommandError, configuration.ConfigError, UserError, AddressError) as e:
         print(f"popgate: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file the command had to write or read
+        print(f"popgate: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except EOFError:  # Ctrl-D at a prompt
+        print("popgate: no answer (end of input); nothing changed", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: ...)" unless the help already says it; flags default to off."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if action.default is False:
+            return text + " (default: off)"
+        return super()._get_help_string(action)
 
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=argparse.SUPPRESS,
-                        help="TOML configuration file")
-    common.add_argument("--data-dir", "-d", default=argparse.SUPPRESS,
-                        help="data directory (default ./popgate-data)")
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="FILE",
+                        help="TOML configuration file (default: none, built-in defaults; "
+                             "for init: the file to write, default ./popgate.toml)")
+    common.add_argument("--data-dir", "-d", default=argparse.SUPPRESS, metavar="DIR",
+                        help="data directory: mail, users file, queue (default: the "
+                             f"configuration's, else {configuration.DEFAULT_DATA_DIR})")
+    sub = {"parents": [common], "formatter_class": _HelpFormatter}
 
-    parser = argparse.ArgumentParser(prog="popgate", parents=[common],
-                                     description="popgate administration")
+    parser = argparse.ArgumentParser(prog="popgate", description="popgate administration",
+                                     **sub)
     parser.add_argument("--version", action="version", version=f"popgate {__version__}")
     groups = parser.add_subparsers(title="commands")
 
-    user = groups.add_parser("user", help="manage users").add_subparsers(title="user commands")
-    add = user.add_parser("add", parents=[common], help="add a user")
+    init = groups.add_parser("init", help="first run: configuration, data directory, "
+                             "self-signed certificate and first user", **sub)
+    init.add_argument("--user", metavar="NAME", help="the first user, local@domain, who also "
+                      "receives postmaster@ mail (default: asked on a terminal)")
+    init.add_argument("--hostname", default=socket.gethostname(),
+                      help="the server's name, in greetings and the certificate; best the "
+                           "name the MX record points to")
+    init.add_argument("--san", action="append", default=[], metavar="NAME",
+                      help="another name or address for the certificate, repeatable "
+                           "(default: none; localhost and 127.0.0.1 are always in)")
+    init.add_argument("--owner", metavar="USER",
+                      help="the user the server runs as, given the data directory "
+                           "(default: you; popgate with --systemd)")
+    init.add_argument("--systemd", metavar="DIR",
+                      help="also write the systemd units, with this installation's paths, "
+                           "to DIR (e.g. /etc/systemd/system), and listen on their sockets "
+                           "(default: no units)")
+    _password_options(init)
+    init.set_defaults(run=_init)
+
+    user = groups.add_parser("user", help="manage users", **sub).add_subparsers(
+        title="user commands")
+    add = user.add_parser("add", help="add a user", **sub)
     add.add_argument("name", help="local@domain")
-    add.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME)
-    add.add_argument("--password-stdin", action="store_true",
-                     help="read the password from standard input")
+    _password_options(add)
     add.set_defaults(run=_user_add)
-    delete = user.add_parser("del", parents=[common], help="delete a user (mail is kept)")
-    delete.add_argument("name")
+    delete = user.add_parser("del", help="delete a user (mail is kept)", **sub)
+    delete.add_argument("name", help="local@domain")
     delete.set_defaults(run=_user_del)
-    passwd = user.add_parser("passwd", parents=[common], help="change a user's password")
-    passwd.add_argument("name")
-    passwd.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME)
-    passwd.add_argument("--password-stdin", action="store_true")
+    passwd = user.add_parser("passwd", help="change a user's password", **sub)
+    passwd.add_argument("name", help="local@domain")
+    _password_options(passwd)
     passwd.set_defaults(run=_user_passwd)
-    listing = user.add_parser("list", parents=[common], help="list users")
+    listing = user.add_parser("list", help="list users and their password schemes", **sub)
     listing.set_defaults(run=_user_list)
 
-    conf = groups.add_parser("config", help="configuration").add_subparsers(title="config")
-    check = conf.add_parser("check", parents=[common],
-                            help="validate and print the effective configuration")
+    conf = groups.add_parser("config", help="configuration", **sub).add_subparsers(
+        title="config commands")
+    check = conf.add_parser("check", help="validate and print the effective configuration, "
+                            "who gets postmaster@, and problems start-up would not catch",
+                            **sub)
+    check.add_argument("--server-user", metavar="USER",
+                       help="the user popgate runs as, for file permissions (default: the "
+                            "owner of the data directory, else you)")
     check.set_defaults(run=_config_check)
+    example = conf.add_parser("example", help="print the sample configuration: every key, "
+                              "commented, with its default", **sub)
+    example.set_defaults(run=_config_example)
 
-    tls = groups.add_parser("tls", help="certificates").add_subparsers(title="tls commands")
-    selfsigned = tls.add_parser("selfsigned", parents=[common],
-                                help="write a self-signed certificate for a lab")
-    selfsigned.add_argument("--hostname", required=True)
-    selfsigned.add_argument("--cert", default="popgate-cert.pem")
-    selfsigned.add_argument("--key", default="popgate-key.pem")
-    selfsigned.add_argument("--days", type=int, default=365)
+    tls = groups.add_parser("tls", help="certificates", **sub).add_subparsers(
+        title="tls commands")
+    selfsigned = tls.add_parser("selfsigned", help="write a self-signed certificate "
+                                "(for the host name, localhost and 127.0.0.1)", **sub)
+    selfsigned.add_argument("--hostname", required=True, help="the server's name (required)")
+    selfsigned.add_argument("--san", action="append", default=[], metavar="NAME",
+                            help="another name or address, repeatable (default: none)")
+    selfsigned.add_argument("--cert", default="popgate-cert.pem", help="certificate file")
+    selfsigned.add_argument("--key", default="popgate-key.pem", help="private key file")
+    selfsigned.add_argument("--days", type=int, default=365, help="validity in days")
     selfsigned.add_argument("--force", action="store_true", help="replace existing files")
     selfsigned.set_defaults(run=_tls_selfsigned)
     return parser
+
+
+def _password_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--scheme", choices=SCHEMES, default=DEFAULT_SCHEME,
+                        help="password hash scheme")
+    parser.add_argument("--password-stdin", action="store_true",
+                        help="read the password from standard input instead of asking "
+                             "on the terminal")
 
 
 def _load(args) -> configuration.Config:
@@ -107,6 +169,9 @@ def _load(args) -> configuration.Config:
 def _read_password(args) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
+    elif not sys.stdin.isatty():
+        raise CommandError("no terminal to ask for the password on; "
+                           "give it on standard input with --password-stdin")
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
@@ -150,22 +215,71 @@ def _user_list(args) -> None:
         print(f"{user.name}\t{split_scheme(user.password)[0]}")
 
 
-def _config_check(args) -> None:
+def _config_check(args) -> int:
     config = _load(args)
+    account = _server_account(args, config)
     sys.stdout.write(configuration.dump(config))
-    if not config.server.postmaster:
-        print("# note: server.postmaster is unset: postmaster@<domain> is delivered only "
-              "where a user postmaster@<domain> exists", file=sys.stderr)
+    print(f"\n# {describe_postmaster(config, UserDB(config.users_file))}")
+    print(f"# file permissions checked for user {account.name}")
+    problems = preflight.config_problems(config, account)
+    for problem in problems:
+        print(f"popgate: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _server_account(args, config) -> preflight.Account:
+    try:
+        if args.server_user:
+            return preflight.Account.named(args.server_user)
+    except KeyError:
+        raise CommandError(f"no such user {args.server_user}") from None
+    if os.path.exists(config.server.data_dir):
+        return preflight.Account.owner_of(config.server.data_dir)
+    return preflight.Account.current()
+
+
+def _config_example(args) -> None:
+    sys.stdout.write(firstrun.sample_config())
+
+
+def _init(args) -> None:
+    config_path = os.path.abspath(getattr(args, "config", None) or "popgate.toml")
+    data_dir = os.path.abspath(getattr(args, "data_dir", None)
+                               or configuration.DEFAULT_DATA_DIR)
+    name = args.user
+    if name is None:
+        if not sys.stdin.isatty():
+            raise CommandError("no terminal to ask for the first user on; give --user NAME")
+        name = input("First user (local@domain, also gets postmaster@ mail): ").strip()
+    name = normalise_user(name)
+    owner = args.owner or ("popgate" if args.systemd else None)
+    if owner:
+        try:
+            preflight.Account.named(owner)
+        except KeyError:
+            raise CommandError(f"no such user {owner}; create it first: useradd --system "
+                               f"--home-dir {data_dir} --shell /usr/sbin/nologin {owner}"
+                               ) from None
+    plan = firstrun.Plan(config_path=config_path, data_dir=data_dir, hostname=args.hostname,
+                         user=name, password_hash="", owner=owner,
+                         systemd_dir=args.systemd and os.path.abspath(args.systemd),
+                         extra_names=tuple(args.san))
+    firstrun.refuse_existing(plan)  # before asking for a password
+    plan.password_hash = hash_password(_read_password(args), args.scheme)
+    firstrun.initialise(plan)
+    sys.stdout.write(firstrun.next_steps(plan))
 
 
 def _tls_selfsigned(args) -> None:
-    from popgate.tls import make_selfsigned
+    from popgate.tls import LOCAL_NAMES, make_selfsigned
 
     existing = [p for p in (args.cert, args.key) if os.path.exists(p)]
     if existing and not args.force:
         raise CommandError(f"{existing[0]} exists; use --force to replace it")
-    make_selfsigned(args.hostname, args.cert, args.key, days=args.days)
-    print(f"wrote {args.cert} and {args.key} for {args.hostname}")
+    make_selfsigned(args.hostname, args.cert, args.key, days=args.days,
+                    extra_names=tuple(args.san))
+    names = ", ".join(dict.fromkeys([args.hostname, *args.san, *LOCAL_NAMES]))
+    print(f"wrote {args.cert} and {args.key} for {names}")
 
 
 if __name__ == "__main__":

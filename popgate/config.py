@@ -4,7 +4,7 @@
 returns a frozen :class:`Config`.  Any problem raises :class:`ConfigError`, whose message
 is one line naming the file, the key and the reason, e.g.::
 
-    etc/popgate.toml: smtp.max_message_size: expected an integer, got 'big'
+    /etc/popgate/popgate.toml: smtp.max_message_size: expected an integer, got 'big'
 
 Relative paths are resolved against the current directory at load time, so that a later
 ``chdir`` (twistd daemon mode) does not change their meaning.  Loading reads the file and
@@ -46,6 +46,7 @@ class ServerConfig:
     users_file: str = ""  # "" = <data_dir>/users
     domains: tuple[str, ...] = ()  # extra local domains; every user's domain is local anyway
     postmaster: str = ""  # the user who receives postmaster@<every local domain>
+    drain_timeout: float = 5.0  # on SIGTERM: seconds for commits and UPDATEs in flight
 
 
 @dataclass(frozen=True)
@@ -387,20 +388,20 @@ def dump(config: Config) -> str:
         section = getattr(config, name)
         lines.append(f"\n[{name}]")
         for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            lines.append(f"{f.name} = {toml_value(getattr(section, f.name))}")
     lines.append("\n[aliases]")
     for alias, targets in config.aliases.items():
-        lines.append(f"{_toml_value(alias)} = {_toml_value(targets)}")
+        lines.append(f"{toml_value(alias)} = {toml_value(targets)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, tuple | list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
 

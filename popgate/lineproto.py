@@ -19,13 +19,19 @@
 * **closing**: :meth:`close` unregisters the producer, lets a paused TLS layer read the
   peer's close alert and cuts the connection after :data:`CLOSE_GRACE` seconds if the
   peer stops reading, so a closing session cannot hold its slot for ever;
+* **the drain on shutdown**: every session is in its factory's :class:`SessionRegistry`;
+  :meth:`SessionRegistry.drain` answers idle sessions with the protocol's goodbye
+  (:meth:`LineSession.goodbye`: ``421`` / ``-ERR [SYS/TEMP]``, RFC 5321 §3.8) and closes
+  them, lets the operations named in :attr:`LineSession.finish_on_shutdown` (a commit, a
+  POP3 UPDATE) finish and be answered first, and cuts what is left after the drain time;
 * **the connection caps**: :class:`SessionFactory` counts sessions in a
   :class:`~popgate.limits.ConnectionLimiter` and answers a connection over a cap with one
   protocol-specific line (:class:`RefusedConnection`), logged at a bounded rate.
 
 A subclass provides the protocol: ``greet()``, ``receive(data)`` (buffer the bytes),
 ``backlog()`` (octets buffered and not consumed), ``step()`` (consume one unit; False when
-more input is needed), ``overflow()`` (answer an over-full buffer) and ``ended(reason)``.
+more input is needed), ``overflow()`` (answer an over-full buffer), ``goodbye()`` (the
+line that says the server is going away) and ``ended(reason)``.
 
 Concurrency: reactor thread only.  Time comes from the factory's injected clock.
 """
@@ -35,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import time
 
-from twisted.internet import protocol
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -67,6 +73,7 @@ class LineSession(protocol.Protocol):
     """One session of a line protocol; see the module docstring for the split of work."""
 
     max_backlog = 64 * 1024
+    finish_on_shutdown: frozenset[str] = frozenset()  # operations a drain lets finish
 
     def __init__(self, factory: SessionFactory, slot_host: str):
         self.factory = factory
@@ -78,6 +85,7 @@ class LineSession(protocol.Protocol):
         self.operation: str | None = None  # what owes a reply: "login", "commit", ...
         self.started_at = factory.clock.seconds()
         self.closing = False
+        self.draining = False
         self.close_reason = "client closed the connection"
         self._peer_final = False
         self._processing = False
@@ -99,6 +107,7 @@ class LineSession(protocol.Protocol):
         self.info.client = describe_peer(self.transport.getPeer())
         self.events.publish("connected", self.info, tls=self.factory.implicit_tls)
         self.greet()
+        self.factory.sessions.add(self)
 
     def handshakeCompleted(self) -> None:
         """IHandshakeListener: a TLS handshake (implicit, STARTTLS or STLS) finished."""
@@ -116,6 +125,7 @@ class LineSession(protocol.Protocol):
             self._close_timer.cancel()
         self.factory.limiter.release(self._slot_host)
         self.ended(self.close_reason)
+        self.factory.sessions.remove(self)
 
     @property
     def client_host(self) -> str:
@@ -176,9 +186,30 @@ class LineSession(protocol.Protocol):
         self.operation = name
 
     def end_operation(self) -> None:
-        """The owed reply is written: go on with pipelined input."""
+        """The owed reply is written: go on with pipelined input (or, in a drain, close)."""
         self.operation = None
+        if self.draining:
+            self._leave()
+            return
         self.process_input()
+
+    def shutdown(self) -> None:
+        """The server is stopping: say goodbye now, or once the operation in progress (if
+        it is one of :attr:`finish_on_shutdown`) has been answered."""
+        self.draining = True
+        if self.operation not in self.finish_on_shutdown:
+            self._leave()
+
+    def _leave(self) -> None:
+        if not self.closing:
+            self.goodbye()
+            self.close("server shutdown")
+
+    def cut(self, reason: str) -> None:
+        """Drop the connection now, whatever it was doing."""
+        self.close_reason = reason
+        self.closing = True
+        self.transport.abortConnection()
 
     def update_reading(self) -> None:
         """Stop reading the transport while input waits behind an owed reply, or once
@@ -241,8 +272,59 @@ class LineSession(protocol.Protocol):
     def overflow(self) -> None:
         raise NotImplementedError
 
+    def goodbye(self) -> None:
+        raise NotImplementedError
+
     def ended(self, reason: str) -> None:
         raise NotImplementedError
+
+
+class SessionRegistry:
+    """The open sessions of a process (every listener's), for a drain on shutdown."""
+
+    def __init__(self, clock):
+        self._clock = clock
+        self._sessions: set[LineSession] = set()
+        self._drained: list[defer.Deferred] = []
+        self.draining = False
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def add(self, session: LineSession) -> None:
+        self._sessions.add(session)
+        if self.draining:
+            session.shutdown()  # connected in the last moments before listening stopped
+
+    def remove(self, session: LineSession) -> None:
+        self._sessions.discard(session)
+        if self.draining and not self._sessions:
+            self._done()
+
+    def drain(self, timeout: float) -> defer.Deferred:
+        """Shut every session down; fires once all have ended, or ``timeout`` seconds
+        later, when those left are cut."""
+        self.draining = True
+        d: defer.Deferred = defer.Deferred()
+        self._drained.append(d)
+        for session in list(self._sessions):
+            session.shutdown()
+        if not self._sessions:
+            self._done()
+            return d
+        timer = self._clock.callLater(timeout, self._cut)
+        d.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        return d
+
+    def _cut(self) -> None:
+        for session in list(self._sessions):
+            session.cut("server shutdown: drain time exceeded")
+        self._done()
+
+    def _done(self) -> None:
+        drained, self._drained = self._drained, []
+        for d in drained:
+            d.callback(None)
 
 
 class RefusedConnection(protocol.Protocol):
@@ -268,8 +350,9 @@ class SessionFactory(protocol.Factory):
     protocol_name: str  # "SMTP", "LMTP", "POP3": what events and log lines call it
 
     def __init__(self, *, config, clock, limiter, events: EventBus, tls=None,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, sessions: SessionRegistry | None = None):
         self.config = config
+        self.sessions = sessions if sessions is not None else SessionRegistry(clock)
         self.hostname = config.hostname
         self.clock = clock
         self.limiter = limiter

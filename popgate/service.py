@@ -29,16 +29,35 @@ from popgate.auth.users import PasswordChecker, UserDB
 from popgate.config import Config
 from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
+from popgate.lineproto import SessionRegistry
 from popgate.loglimit import LogLimiter
 from popgate.observe.log import SessionLog
 from popgate.pop3.realm import MaildropRealm
 from popgate.pop3.server import POP3Factory
+from popgate.preflight import storage_problem
 from popgate.proxy import TrustedProxyFactory
-from popgate.smtp.delivery import Deliverer, Router
+from popgate.smtp.delivery import Deliverer, Router, describe_postmaster
 from popgate.smtp.server import SMTPFactory
 from popgate.store.maildir import MaildirStore
 
 log = Logger()
+
+
+class StartupFailed(SystemExit, Exception):
+    """Stop start-up with exit status 1; making one prints its one line on stderr.
+
+    A SystemExit, so that ``twistd -n`` ends without a traceback; an Exception too, so that
+    a daemonising twistd hands it to its parent, which waits for a word from the child
+    (and would wait for ever on one that died without it), prints it and exits with 1.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(1)
+        self.message = message
+        print(message, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class AuthThreadPool(Service):
@@ -92,7 +111,13 @@ class ListenerService(Service):
         # Before twistd drops privileges (--uid), so that ports below 1024 work.
         super().privilegedStartService()
         self._listen_called = True
-        endpoint = serverFromString(self._reactor, self.description)
+        try:
+            endpoint = serverFromString(self._reactor, self.description)
+        except (KeyError, IndexError) as e:
+            # systemd: endpoints look their socket up here, by name or index.
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"systemd passed no such socket ({e}); check the .socket "
+                                "units") from None
         self._failure = None
         self._starting = True
         endpoint.listen(self.factory).addCallbacks(self._listening, self._cannot_listen)
@@ -101,9 +126,8 @@ class ListenerService(Service):
             # Most endpoints fail at once (address in use, permission denied): say so in
             # one line and stop start-up with a non-zero exit status, no traceback.
             reason = self._failure.getErrorMessage()
-            print(f"popgate: {self.label} cannot listen on {self.description}: {reason}",
-                  file=sys.stderr)
-            raise SystemExit(1)
+            raise StartupFailed(f"popgate: {self.label} cannot listen on {self.description}: "
+                                f"{reason}")
 
     def startService(self) -> None:
         if not self._listen_called:
@@ -143,6 +167,22 @@ class ReadyService(Service):
         self._reactor.callWhenRunning(log.info, "popgate ready")
 
 
+class StartupChecks(Service):
+    """Before anything else starts, as the user the server runs as: stop with one line if
+    the storage is unusable (what to chown), else log who receives postmaster@."""
+
+    def __init__(self, config: Config, users: UserDB):
+        self.config = config
+        self.users = users
+
+    def startService(self) -> None:
+        super().startService()
+        problem = storage_problem(self.config)
+        if problem:
+            raise StartupFailed(f"popgate: {problem}")
+        log.info("{postmaster}", postmaster=describe_postmaster(self.config, self.users))
+
+
 class StorageService(Service):
     """Create the data directory (0700) and clear stale ``tmp/`` files at start."""
 
@@ -159,6 +199,22 @@ class StorageService(Service):
             log.info("removed {n} stale tmp/ files", n=removed)
 
 
+class DrainService(Service):
+    """On stop (SIGTERM): drain every open session within ``timeout`` seconds; twistd
+    waits for the Deferred before it stops the reactor (see :mod:`popgate.lineproto`)."""
+
+    def __init__(self, sessions: SessionRegistry, timeout: float):
+        self.sessions = sessions
+        self.timeout = timeout
+
+    def stopService(self):
+        super().stopService()
+        if len(self.sessions):
+            log.info("draining {n} session(s), at most {timeout} s", n=len(self.sessions),
+                     timeout=self.timeout)
+        return self.sessions.drain(self.timeout)
+
+
 class DelivererService(Service):
     """Owns the process's one :class:`Deliverer`: its spare files go when the server stops."""
 
@@ -171,16 +227,18 @@ class DelivererService(Service):
 
 
 class ReloadService(Service):
-    """SIGHUP (``systemctl reload``) re-reads the certificate, if there is one.
+    """SIGHUP (``systemctl reload``) re-reads the users file and the certificate, if any.
 
     The handler is installed with or without TLS: SIGHUP's default action would end the
-    process, and systemd does not restart a service that a signal ended cleanly.  The
-    certificate is also re-read by itself when its files change.
+    process, and systemd does not restart a service that a signal ended cleanly.  Both
+    are also re-read by themselves when their files change; SIGHUP also catches an edit
+    that kept the users file's inode, size and modification time.
     """
 
-    def __init__(self, reactor, tls):
+    def __init__(self, reactor, tls, users: UserDB):
         self._reactor = reactor
         self._tls = tls
+        self._users = users
         self._previous = None
 
     def startService(self) -> None:
@@ -189,8 +247,10 @@ class ReloadService(Service):
             signal.SIGHUP, lambda *_: self._reactor.callFromThread(self._reload))
 
     def _reload(self) -> None:
+        log.info("SIGHUP: {n} users read from {path}", n=self._users.reload(),
+                 path=self._users.path)
         if self._tls is None:
-            log.info("SIGHUP: nothing to reload (no TLS certificate configured)")
+            log.info("SIGHUP: no TLS certificate to reload")
         else:
             self._tls.reload()
 
@@ -210,22 +270,24 @@ def makeService(config: Config, reactor=None) -> MultiService:
     trusted = parse_networks(config.limits.trusted_networks)
 
     top = MultiService()
+    StartupChecks(config, users).setServiceParent(top)
     StorageService(config, store).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
-    ReloadService(reactor, tls).setServiceParent(top)
+    ReloadService(reactor, tls, users).setServiceParent(top)
 
     listen = partial(_listen, top, reactor,
                      proxies=parse_networks(config.limits.trusted_proxies))
 
     events = EventBus()
     SessionLog(reactor).subscribe(events)
+    sessions = SessionRegistry(reactor)
 
     deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
     DelivererService(deliverer).setServiceParent(top)
     smtp = partial(SMTPFactory, config=config, router=Router(config, users),
                    deliverer=deliverer, clock=reactor, limiter=_limiter(config, trusted),
-                   events=events, tls=tls)
+                   events=events, tls=tls, sessions=sessions)
     listen("SMTP", config.smtp.listen, smtp())
     listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
     listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
@@ -237,10 +299,14 @@ def makeService(config: Config, reactor=None) -> MultiService:
                           limits.penalty_window)
     authenticator = Authenticator(portal, penalty, ChecksPerAddress(), reactor)
     pop3 = partial(POP3Factory, config=config, authenticator=authenticator, clock=reactor,
-                   limiter=_limiter(config, trusted), events=events, tls=tls)
+                   limiter=_limiter(config, trusted), events=events, tls=tls,
+                   sessions=sessions)
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
     _observe(top, config, events, store, reactor, users, auth_threads)
+    # Stopped before the listeners' services (a MultiService stops its children in
+    # reverse order, in one go): the drain starts as listening stops.
+    DrainService(sessions, config.server.drain_timeout).setServiceParent(top)
     ReadyService(reactor).setServiceParent(top)
     return top
 

@@ -21,7 +21,8 @@ class Options(usage.Options):
         ["trace", None, "Log every command and reply as C:/S: lines ([log] trace = true)."],
     ]
     optParameters = [
-        ["config", "c", None, "TOML configuration file (see etc/popgate.toml)."],
+        ["config", "c", None, "TOML configuration file; `popgate config example` prints a "
+                              "commented sample, `popgate init` writes one."],
         ["data-dir", "d", None, "Data directory (mail, users); default ./popgate-data."],
     ]
 

@@ -33,7 +33,6 @@ Concurrency
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import itertools
@@ -50,7 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator, IReactorTime
-from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
@@ -67,6 +66,17 @@ __all__ = [
     "tls_description",
     "wrap_implicit_tls",
 ]
+
+# Mozilla's "intermediate" profile (ssl-config.mozilla.org, v5.7) for TLS 1.2: forward
+# secret AEAD suites only, no CBC.  Its DHE suites are left out: they need DH parameters,
+# which popgate does not configure.  TLS 1.3 suites are all AEAD and not affected.
+INTERMEDIATE_CIPHERS = ":".join([
+    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
+])
+# Names every self-signed certificate carries, so that local clients can verify it.
+LOCAL_NAMES = ("localhost", "127.0.0.1")
 
 # A full chain is a few kB; anything this big is the wrong file (or /dev/zero).
 MAX_PEM_FILE_SIZE = 1024 * 1024
@@ -102,7 +112,8 @@ class _KeyMaterial:
 def load_certificate_options(cert_path: str, key_path: str) -> CertificateOptions:
     """
     Read a PEM full chain and its private key into server
-    ``CertificateOptions`` (TLS 1.2 minimum, Twisted's default ciphers).
+    ``CertificateOptions`` (TLS 1.2 minimum; in TLS 1.2 only the
+    ``INTERMEDIATE_CIPHERS``).
 
     @raise TLSConfigError: naming the file and what is wrong with it.
     """
@@ -226,6 +237,7 @@ def _options_from(material: _KeyMaterial, cert_path: str) -> CertificateOptions:
             certificate=crypto.X509.from_cryptography(material.leaf),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in material.intermediates],
             raiseMinimumTo=TLSVersion.TLSv1_2,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(INTERMEDIATE_CIPHERS),
         )
         # Build the context now, so that OpenSSL's own objections (a key too
         # small for its security level, say) surface here and not on the
@@ -423,16 +435,19 @@ def _openssl_connection_of(transport: object) -> SSL.Connection | None:
 # Self-signed certificates
 
 
-def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 365) -> None:
+def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 365,
+                    extra_names: tuple[str, ...] = ()) -> None:
     """
-    Write a new EC P-256 key and a self-signed certificate for ``hostname``
-    (subjectAltName dNSName, plus iPAddress when ``hostname`` is an address).
-    Existing files are replaced atomically; the key file has mode 0600.
+    Write a new EC P-256 key and a self-signed certificate for ``hostname``,
+    ``extra_names`` and ``LOCAL_NAMES`` (subjectAltName: an iPAddress for each
+    address, a dNSName for each other name).  Existing files are replaced
+    atomically; the key file has mode 0600.
 
     @raise OSError: if a file cannot be written.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    certificate = _selfsigned_certificate(hostname, key, days)
+    names = list(dict.fromkeys([hostname, *extra_names, *LOCAL_NAMES]))
+    certificate = _selfsigned_certificate(hostname, names, key, days)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -443,15 +458,21 @@ def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 36
     write_atomically(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
-def _subject_alt_names(hostname: str) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = [x509.DNSName(hostname)]
-    with contextlib.suppress(ValueError):  # not an address: the dNSName alone is right
-        names.append(x509.IPAddress(ipaddress.ip_address(hostname)))
-    return names
+def _subject_alt_names(hostname: str, names: list[str]) -> list[x509.GeneralName]:
+    # The host name is always a dNSName too, as before: some old clients match an
+    # address given as the host name against dNSNames only.
+    general: list[x509.GeneralName] = [x509.DNSName(hostname)]
+    for name in names:
+        try:
+            general.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            if name != hostname:
+                general.append(x509.DNSName(name))
+    return general
 
 
 def _selfsigned_certificate(
-    hostname: str, key: ec.EllipticCurvePrivateKey, days: int
+    hostname: str, names: list[str], key: ec.EllipticCurvePrivateKey, days: int
 ) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)
@@ -465,7 +486,9 @@ def _selfsigned_certificate(
         # Backdated a little so that clients with a slow clock accept it.
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(_subject_alt_names(hostname)), critical=False)
+        .add_extension(
+            x509.SubjectAlternativeName(_subject_alt_names(hostname, names)), critical=False
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(

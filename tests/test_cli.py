@@ -1,14 +1,23 @@
 """The popgate admin command, as an administrator types it."""
 
+import argparse
+import grp
 import io
 import os
+import pwd
+import re
 import stat
+import subprocess
 import sys
 
-from twisted.trial.unittest import TestCase
+from cryptography import x509
+from twisted.trial.unittest import SkipTest, TestCase
 
-from popgate import cli
+from popgate import cli, config
 from popgate.auth.users import UserDB, verify_password
+from tests.certs import make_test_pki
+from tests.harness import child_env, read
+from tests.test_config import SAMPLE
 
 
 class CLITests(TestCase):
@@ -105,3 +114,258 @@ class CLITests(TestCase):
                                     "--key", key)
         self.assertEqual(code, 1)
         self.assertIn("use --force", err)
+
+
+def _all_parsers(parser: argparse.ArgumentParser):
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+class HelpTests(TestCase):
+    def test_every_command_and_option_has_help_with_its_default(self):
+        checked = 0
+        for parser in _all_parsers(cli._parser()):
+            formatter = parser._get_formatter()
+            for action in parser._actions:
+                if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                    continue
+                if isinstance(action, argparse._SubParsersAction):
+                    for choice in action._choices_actions:
+                        self.assertTrue(choice.help, f"{parser.prog} {choice.dest}")
+                    continue
+                text = formatter._expand_help(action) if action.help else ""
+                self.assertTrue(text, f"{parser.prog} {action.dest}: no help")
+                if action.option_strings:
+                    self.assertIn("default", text, f"{parser.prog} {action.dest}")
+                checked += 1
+        self.assertGreater(checked, 30)
+
+    def test_help_runs_for_every_command(self):
+        for argv in (["-h"], ["init", "-h"], ["user", "add", "-h"], ["config", "check", "-h"],
+                     ["tls", "selfsigned", "-h"]):
+            out = io.StringIO()
+            self.patch(sys, "stdout", out)
+            self.assertRaises(SystemExit, cli.main, argv)
+            self.assertIn("usage: popgate", out.getvalue())
+
+
+class NoTerminalTests(TestCase):
+    """Without a terminal the commands that would ask say so in one line."""
+
+    def run_popgate(self, *argv: str) -> subprocess.CompletedProcess:
+        data = os.path.abspath(self.mktemp())
+        return subprocess.run([sys.executable, "-m", "popgate.cli", "--data-dir", data, *argv],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=60, env=child_env(), cwd=os.path.dirname(data))
+
+    def test_user_add_and_passwd_from_dev_null(self):
+        for argv in (["user", "add", "alice@example.org"],
+                     ["user", "passwd", "alice@example.org"]):
+            result = self.run_popgate(*argv)
+            if argv[1] == "passwd":
+                self.assertEqual(result.stderr, "popgate: no such user alice@example.org\n")
+                continue
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.stderr, "popgate: no terminal to ask for the password on; "
+                                            "give it on standard input with --password-stdin\n")
+
+    def test_init_without_user(self):
+        result = self.run_popgate("init")
+        self.assertEqual((result.returncode, result.stderr),
+                         (1, "popgate: no terminal to ask for the first user on; "
+                             "give --user NAME\n"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+class CLIOperationsTests(CLITests):
+    def test_init_end_of_input_at_the_prompt(self):
+        self.patch(sys, "stdin", _Terminal(""))
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.patch(sys, "stdout", io.StringIO())
+        code = cli.main(["--data-dir", self.data, "--config", os.path.abspath(self.mktemp()),
+                         "init"])
+        self.assertEqual((code, err.getvalue()),
+                         (1, "popgate: no answer (end of input); nothing changed\n"))
+        self.assertFalse(os.path.exists(self.data))
+
+    def write(self, name: str, text: str) -> str:
+        path = os.path.abspath(self.mktemp() + name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def make_pki(self):
+        """A test PKI in a directory everyone may search (trial's temp parent is 0700)."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        os.chmod(os.path.dirname(directory), 0o755)
+        os.chmod(directory, 0o755)
+        return make_test_pki(os.path.join(directory, "pki"))
+
+    def test_config_example_prints_the_shipped_sample(self):
+        code, out, _ = self.run_cli("config", "example")
+        self.assertEqual(code, 0)
+        with open(SAMPLE, encoding="utf-8") as f:
+            self.assertEqual(out, f.read())
+
+    def test_config_check_names_the_postmaster(self):
+        self.run_cli("user", "add", "boss@example.org", "--password-stdin", "--scheme",
+                     "PLAIN", stdin="pw\n")
+        self.run_cli("user", "add", "alice@example.org", "--password-stdin", "--scheme",
+                     "PLAIN", stdin="pw\n")
+        code, out, err = self.run_cli("config", "check")
+        self.assertEqual((code, err), (0, ""))
+        self.assertIn("\n# postmaster@<every local domain> goes to boss@example.org, the first "
+                      f"user in {self.users_file},", out)
+
+    def test_config_check_finds_what_start_up_would_not(self):
+        self.run_cli("user", "add", "alice@example.org", "--password-stdin", "--scheme",
+                     "PLAIN", stdin="pw\n")
+        pki = self.make_pki()
+        os.chmod(pki.key, 0o600)
+        path = self.write(".toml", f"""
+[smtp]
+listen = ["tcp:2525:interface=127.0.0.1", "tcp:25:interface=192.0.2.1",
+          "unix:/nonexistent/popgate/lmtp", "systemd:domain=INET6:name=smtp"]
+[pop3]
+listen = ["haproxy:tcp:1100:interface=198.51.100.7"]
+[limits]
+trusted_proxies = ["127.0.0.1"]
+[tls]
+certificate = "{pki.fullchain}"
+key = "{pki.key}"
+[aliases]
+"info@example.org" = ["alice@example.org", "bob@example.org"]
+"@example.org" = ["carol@example.org"]
+""")
+        code, out, err = self.run_cli("config", "check", "--config", path,
+                                      "--server-user", "nobody")
+        self.assertEqual(code, 1)
+        owner = pwd.getpwuid(os.getuid()).pw_name
+        group = grp.getgrgid(os.getgid()).gr_name
+        self.assertEqual(err.splitlines(), [
+            "popgate: aliases.'info@example.org': alias target bob@example.org is not a user "
+            "(mail for it would be skipped)",
+            "popgate: aliases.'@example.org': catch-all target carol@example.org is not a "
+            "user (mail for it would be skipped)",
+            "popgate: smtp.listen: tcp:25:interface=192.0.2.1: 192.0.2.1 is not an address "
+            "of this machine",
+            "popgate: smtp.listen: unix:/nonexistent/popgate/lmtp: directory "
+            "/nonexistent/popgate does not exist",
+            "popgate: pop3.listen: haproxy:tcp:1100:interface=198.51.100.7: 198.51.100.7 is "
+            "not an address of this machine",
+            f"popgate: tls.key: {pki.key} (owner {owner}:{group}, mode 0600) is not readable "
+            "by nobody, the user popgate runs as",
+        ])
+        self.assertIn("# file permissions checked for user nobody\n", out)
+
+    def test_config_check_searches_the_directories_above(self):
+        pki = self.make_pki()
+        os.chmod(pki.key, 0o644)
+        os.chmod(os.path.dirname(pki.key), 0o700)
+        path = self.write(".toml", f'[tls]\ncertificate = "{pki.fullchain}"\n'
+                                   f'key = "{pki.key}"\n')
+        code, _, err = self.run_cli("config", "check", "--config", path,
+                                    "--server-user", "nobody")
+        self.assertEqual(code, 1)
+        self.assertRegex(err, rf"^popgate: tls.certificate: {re.escape(os.path.dirname(pki.key))}"
+                              r" \(owner \S+, mode 0700\) is not searchable by nobody")
+        os.chmod(os.path.dirname(pki.key), 0o755)
+        self.assertEqual(self.run_cli("config", "check", "--config", path,
+                                      "--server-user", "nobody")[0], 0)
+
+    def test_tls_selfsigned_san(self):
+        cert, key = self.mktemp(), self.mktemp()
+        code, out, _ = self.run_cli("tls", "selfsigned", "--hostname", "mail.lab.test",
+                                    "--san", "pop.lab.test", "--san", "192.0.2.9",
+                                    "--cert", cert, "--key", key)
+        self.assertEqual(out, f"wrote {cert} and {key} for mail.lab.test, pop.lab.test, "
+                              "192.0.2.9, localhost, 127.0.0.1\n")
+
+    def test_init(self):
+        config_path = os.path.abspath(self.mktemp())
+        code, out, err = self.run_cli("--config", config_path, "init", "--user",
+                                      "Boss@Example.org", "--hostname", "mail.example.org",
+                                      "--password-stdin", "--scheme", "PLAIN",
+                                      stdin="secret\n")
+        self.assertEqual(code, 0, err)
+        self.assertTrue(out.startswith(f"wrote {config_path}\n"), out)
+        self.assertIn(f"  popgate config check --config {config_path}\n", out)
+        loaded = config.load(config_path)
+        self.assertEqual((loaded.server.hostname, loaded.server.data_dir,
+                          loaded.server.postmaster),
+                         ("mail.example.org", self.data, "boss@example.org"))
+        self.assertEqual(loaded.tls.certificate, os.path.join(self.data, "tls", "cert.pem"))
+        self.assertTrue(verify_password(b"secret", UserDB(self.users_file)
+                                        .get("boss@example.org").password))
+        self.assertEqual(stat.S_IMODE(os.stat(self.data).st_mode), 0o700)
+        with open(config_path, encoding="utf-8") as f:
+            text = f.read()
+        self.assertIn('\nhostname = "mail.example.org"\n', text)
+        self.assertIn("\n# Host name used in the SMTP greeting", text)  # comments kept
+        self.assertIn('\n#max_message_size = 26214400\n', text)
+        sans = x509.load_pem_x509_certificate(read(loaded.tls.certificate)).extensions \
+            .get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(sans.get_values_for_type(x509.DNSName),
+                         ["mail.example.org", "localhost"])
+
+        code, _, err = self.run_cli("--config", config_path, "init", "--user",
+                                    "other@example.org", "--password-stdin", stdin="pw\n")
+        self.assertEqual((code, err), (1, f"popgate: {config_path}: exists already; popgate "
+                                          "init replaces nothing\n"))
+        os.unlink(config_path)
+        certificate = read(loaded.tls.certificate)
+        code, _, err = self.run_cli("--config", config_path, "init", "--user",
+                                    "other@example.org", "--password-stdin", stdin="pw\n")
+        self.assertEqual((code, err), (1, f"popgate: {loaded.tls.certificate}: exists "
+                                          "already; popgate init replaces nothing\n"))
+        self.assertEqual(read(loaded.tls.certificate), certificate)
+        self.assertFalse(os.path.exists(config_path))
+
+    def test_init_unknown_owner(self):
+        code, _, err = self.run_cli("--config", os.path.abspath(self.mktemp()), "init",
+                                    "--user", "a@example.org", "--owner", "no-such-user-x",
+                                    "--password-stdin", stdin="pw\n")
+        self.assertEqual(code, 1)
+        self.assertTrue(err.startswith("popgate: no such user no-such-user-x; create it first: "
+                                       "useradd --system"), err)
+        self.assertFalse(os.path.exists(self.data))
+
+
+class OwnershipTests(CLITests):
+    """Run as root, ``popgate user add|del|passwd`` leave the file to the server's user."""
+
+    def setUp(self):
+        super().setUp()
+        if os.geteuid() != 0:
+            raise SkipTest("needs root: only root can give files to another user")
+        self.nobody = pwd.getpwnam("nobody")
+
+    def test_user_commands_keep_owner_group_and_mode(self):
+        os.makedirs(self.data, mode=0o700)
+        os.chown(self.data, self.nobody.pw_uid, self.nobody.pw_gid)
+        self.run_cli("user", "add", "alice@example.org", "--password-stdin", "--scheme",
+                     "PLAIN", stdin="pw\n")
+        st = os.stat(self.users_file)
+        # A new file takes its directory's owner and group.
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
+                         (self.nobody.pw_uid, self.nobody.pw_gid, 0o600))
+        os.chown(self.users_file, self.nobody.pw_uid, 0)
+        os.chmod(self.users_file, 0o640)
+        for argv in (["user", "add", "bob@example.org", "--password-stdin"],
+                     ["user", "passwd", "bob@example.org", "--password-stdin"],
+                     ["user", "del", "alice@example.org"]):
+            code, _, err = self.run_cli(*argv, "--scheme", "PLAIN", stdin="pw\n") \
+                if "--password-stdin" in argv else self.run_cli(*argv)
+            self.assertEqual(code, 0, err)
+            st = os.stat(self.users_file)
+            self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
+                             (self.nobody.pw_uid, 0, 0o640), argv)

@@ -12,7 +12,7 @@ from tests.certs import make_test_pki
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BAD = os.path.join(HERE, "fixtures", "bad-config")
-SAMPLE = os.path.join(os.path.dirname(HERE), "etc", "popgate.toml")
+SAMPLE = os.path.join(os.path.dirname(HERE), "popgate", "data", "popgate.toml")
 
 # fixture -> the message after "<file>: "
 EXPECTED_ERRORS = {
@@ -60,7 +60,7 @@ class DefaultsTests(TestCase):
             c.smtp.max_recipients = 5
 
     def test_sample_file_lists_every_key_with_its_default(self):
-        """etc/popgate.toml: each key appears once, commented, with the built-in default."""
+        """The shipped sample: each key appears once, commented, with the built-in default."""
         with open(SAMPLE, encoding="utf-8") as f:
             text = f.read()
         section, listed = None, {}
@@ -73,11 +73,11 @@ class DefaultsTests(TestCase):
         for name in config._SECTIONS:
             for field in dataclasses.fields(getattr(defaults, name)):
                 key = f"{name}.{field.name}"
-                self.assertIn(key, listed, f"{key} missing from etc/popgate.toml")
+                self.assertIn(key, listed, f"{key} missing from popgate/data/popgate.toml")
                 default = getattr(getattr(defaults, name), field.name)
                 value = listed.pop(key)
                 self.assertEqual(tuple(value) if isinstance(value, list) else value, default, key)
-        self.assertEqual(listed, {}, "keys in etc/popgate.toml that do not exist")
+        self.assertEqual(listed, {}, "keys in popgate/data/popgate.toml that do not exist")
 
     def test_sample_file_loads(self):
         self.assertEqual(config.load(SAMPLE).smtp, config.SMTPConfig())

@@ -132,12 +132,49 @@ class RouterTests(UsersFixture, TestCase):
         self.assertEqual(self.names(router.resolve_postmaster()), ["bob@example.org"])
 
     def test_postmaster_without_configuration(self):
-        router = self.router()
+        # RFC 5321 §4.5.1: postmaster@ of every local domain works.  A domain's own user
+        # postmaster@ or its catch-all comes first, then the first user in the file.
+        router = self.router(**{"server.domains": ["extra.example"],
+                                "aliases.@alias.example": ["bob@example.org"]})
         self.assertEqual(self.names(self.resolve(router, "<postmaster@example.net>")),
                          ["postmaster@example.net"])
-        self.assertEqual(self.resolve(router, "<postmaster@example.org>").refusal,
-                         UNKNOWN_USER)
+        for address in ["<postmaster@example.org>", "<Postmaster@extra.example>"]:
+            self.assertEqual(self.names(self.resolve(router, address)), ["alice@example.org"])
+        self.assertEqual(self.names(self.resolve(router, "<postmaster@alias.example>")),
+                         ["bob@example.org"])
         self.assertEqual(self.names(router.resolve_postmaster()), ["postmaster@example.net"])
+        self.assertEqual(self.resolve(router, "<postmaster@remote.example>").refusal,
+                         RELAY_DENIED)
+
+    def test_default_postmaster_follows_the_users_file(self):
+        os.unlink(self.users_file)
+        router = self.router()
+        self.assertEqual(self.resolve(router, "<postmaster@example.org>").refusal,
+                         RELAY_DENIED)  # example.org is no longer local
+        router = self.router(**{"server.domains": ["example.org"]})
+        self.assertEqual(self.resolve(router, "<postmaster@example.org>").refusal,
+                         UNKNOWN_USER)  # nobody to give it to
+        self.add_user("dave@example.org")
+        self.assertEqual(self.names(self.resolve(router, "<postmaster@example.org>")),
+                         ["dave@example.org"])
+
+    def test_describe_postmaster(self):
+        line = delivery.describe_postmaster(self.make_config(), self.users)
+        self.assertEqual(line, "postmaster@<every local domain> goes to alice@example.org, "
+                               f"the first user in {self.users_file}, unless an alias, a user "
+                               "postmaster@<domain> or a catch-all of that domain says "
+                               "otherwise; set server.postmaster to choose")
+        configured = self.make_config(**{"server.postmaster": "bob@example.org"})
+        self.assertEqual(delivery.describe_postmaster(configured, self.users),
+                         "postmaster@<every local domain> goes to bob@example.org "
+                         "(server.postmaster)")
+        missing = self.make_config(**{"server.postmaster": "gone@example.org"})
+        self.assertTrue(delivery.describe_postmaster(missing, self.users).startswith(
+            "server.postmaster gone@example.org is not a user: postmaster@<every local "
+            "domain> goes to alice@example.org"))
+        empty = UserDB(os.path.join(self.data_dir, "nobody"))
+        self.assertIn("will go to the first user added to", delivery.describe_postmaster(
+            self.make_config(), empty))
 
     def test_configured_postmaster_missing_falls_back(self):
         router = self.router(**{"server.postmaster": "gone@example.org"})

@@ -36,11 +36,20 @@ import ssl
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.certs import PKIPaths, make_test_pki
-from tests.harness import read, read_reply, require_tool, run_client, start_twistd, write_private
+from tests.harness import (
+    ProxiedPOP3,
+    deferred_sleep,
+    read,
+    read_reply,
+    require_tool,
+    run_client,
+    start_twistd,
+    write_private,
+)
 
 USER, PASSWORD = "alice@example.org", "pw"
 TIMEOUT = 60
@@ -113,10 +122,6 @@ def replace_atomically(source: str, destination: str) -> None:
     with open(temporary, "wb") as f:
         f.write(read(source))
     os.replace(temporary, destination)
-
-
-def deferred_sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
 
 
 @defer.inlineCallbacks
@@ -251,6 +256,25 @@ class OpenSSLClientTests(TLSServerTestCase):
                                                  extra=["-tls1_2"])
             self.assertEqual(code, 0, out + err)
             self.assertIn(b"Protocol  : TLSv1.2", out, label)
+
+    @defer.inlineCallbacks
+    def test_tls_1_2_offers_only_forward_secret_aead_ciphers(self):
+        # Mozilla "intermediate": a CBC suite is refused in TLS 1.2 by the server (a
+        # handshake failure alert, not a client-side "no ciphers available"), an AEAD
+        # suite is accepted, and TLS 1.3 still works.
+        for label, starttls in [("SMTP", "smtp"), ("POP3S", None)]:
+            out, err, code = yield self.s_client(
+                label, starttls, b"QUIT\n", extra=["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"])
+            self.assertNotEqual(code, 0, label)
+            self.assertIn(b"alert handshake failure", err, label)
+            for cipher in ("ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-CHACHA20-POLY1305"):
+                out, err, code = yield self.s_client(
+                    label, starttls, b"QUIT\n", extra=["-tls1_2", "-cipher", cipher])
+                self.assertEqual(code, 0, out + err)
+                self.assertIn(f"Cipher is {cipher}".encode(), out, label)
+            out, err, code = yield self.s_client(label, starttls, b"QUIT\n", extra=["-tls1_3"])
+            self.assertEqual(code, 0, out + err)
+            self.assertIn(b"Protocol  : TLSv1.3", out, label)
 
 
 # -- curl SMTP ------------------------------------------------------------------------
@@ -552,15 +576,6 @@ class PlaintextPolicyTests(TLSServerTestCase):
         self.assertTrue(answer.startswith(b"+OK"), answer)
 
 
-class ProxiedPOP3(poplib.POP3):
-    """poplib behind a PROXY protocol v1 header that names a remote client address."""
-
-    def _create_socket(self, timeout):
-        sock = super()._create_socket(timeout)
-        sock.sendall(b"PROXY TCP4 203.0.113.9 127.0.0.1 40000 110\r\n")
-        return sock
-
-
 class NonLoopbackPlaintextPolicyTests(TLSServerTestCase):
     """A client that is not on loopback: USER, PASS and AUTH PLAIN are neither offered
     nor accepted until STLS.  All traffic stays on loopback: the listener speaks the
@@ -646,7 +661,7 @@ class SighupWithoutTLSTests(TestCase):
 
     @defer.inlineCallbacks
     def test_sighup_does_not_stop_a_server_without_tls(self):
-        # etc/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
+        # popgate/data/systemd/popgate.service reloads with SIGHUP whatever the configuration, and
         # systemd does not restart a service that SIGHUP ended (Restart=on-failure).
         server = yield start_twistd(self, users=[(USER, PASSWORD)])
         os.kill(server.pid, signal.SIGHUP)

@@ -1,12 +1,15 @@
 """Installing popgate in a fresh virtual environment, as a new user would.
 
 Both a regular and an editable install must make ``twistd --help`` list popgate, put the
-``popgate`` command on the PATH, and run ``twistd -n popgate`` on its defaults until
-SIGTERM.  Setuptools' editable installs and Twisted's plugin discovery do not always
-agree (DESIGN.md), so both are checked for real.  Needs the package index (or a pip cache).
+``popgate`` command on the PATH, ship the sample configuration and the systemd units
+(``popgate config example``, ``popgate init --systemd``), and run ``twistd -n popgate`` on
+its defaults until SIGTERM.  Each test removes the virtual environment it built.
+Setuptools' editable installs and Twisted's plugin discovery do not always agree
+(DESIGN.md), so both are checked for real.  Needs the package index (or a pip cache).
 """
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -19,7 +22,8 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 from twisted.trial.unittest import TestCase
 
-from tests.harness import REPO
+from tests.harness import REPO, read
+from tests.test_config import SAMPLE
 
 _IGNORE = shutil.ignore_patterns(".git", ".venv", "_trial_temp*", "build", "dist",
                                  "*.egg-info", "__pycache__", "popgate-data")
@@ -46,6 +50,7 @@ class FreshVenvTests(TestCase):
     def install(self, editable: bool) -> str:
         """Copy the source tree, make a venv and pip install into it; return its bin/."""
         work = os.path.abspath(self.mktemp())
+        self.addCleanup(shutil.rmtree, work, ignore_errors=True)  # ~100 MB each
         source = os.path.join(work, "src")
         shutil.copytree(REPO, source, ignore=_IGNORE)
         venv = os.path.join(work, "venv")
@@ -74,16 +79,36 @@ class FreshVenvTests(TestCase):
                                  capture_output=True, text=True, timeout=60)
         self.assertRegex(version.stdout, r"^popgate \d+\.\d+")
 
+        self.check_shipped_files(bin_dir, cwd, env)
+
+        self.check_twistd_runs(bin_dir, cwd, env)
+
+    def check_shipped_files(self, bin_dir: str, cwd: str, env: dict) -> None:
+        plugin_help = subprocess.run([os.path.join(bin_dir, "twistd"), "popgate", "--help"],
+                                     cwd=cwd, env=env, capture_output=True, text=True,
+                                     timeout=60).stdout
+        self.assertIn("`popgate config example` prints a", plugin_help)
+        example = subprocess.run(["popgate", "config", "example"], cwd=cwd, env=env,
+                                 capture_output=True, text=True, timeout=60)
+        self.assertEqual(example.stdout, read(SAMPLE).decode("utf-8"))
+        owner = pwd.getpwuid(os.geteuid()).pw_name
+        init = subprocess.run(["popgate", "--config", "first.toml", "--data-dir", "first",
+                               "init", "--user", "boss@example.org", "--password-stdin",
+                               "--scheme", "BLF-CRYPT", "--systemd", "units", "--owner", owner],
+                              cwd=cwd, env=env, input="pw\n", capture_output=True, text=True,
+                              timeout=60)
+        self.assertEqual(init.returncode, 0, init.stderr)
+        service = read(os.path.join(cwd, "units", "popgate.service")).decode("utf-8")
+        self.assertIn(f"\nExecStart={os.path.join(bin_dir, 'twistd')} --nodaemon", service)
+        self.assertEqual(len(os.listdir(os.path.join(cwd, "units"))), 6)
+        shutil.rmtree(os.path.join(cwd, "first"))
         # The dashboard's page, style and script are package data: they must install too.
-        python = os.path.join(bin_dir, "python")
         assets = subprocess.run(
-            [python, "-c", "from importlib.resources import files; s = files('popgate.web')"
-             " / 'static'; print(sorted(p.name for p in s.iterdir()))"],
+            [os.path.join(bin_dir, "python"), "-c", "from importlib.resources import files; "
+             "s = files('popgate.web') / 'static'; print(sorted(p.name for p in s.iterdir()))"],
             cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
         self.assertEqual(assets.stdout.strip(),
                          "['favicon.svg', 'index.html', 'lab.css', 'lab.js']", assets.stderr)
-
-        self.check_twistd_runs(bin_dir, cwd, env)
 
     def check_twistd_runs(self, bin_dir: str, cwd: str, env: dict) -> None:
         args = [os.path.join(bin_dir, "twistd"), "-n", "--pidfile=", "--logfile=-", "popgate",
@@ -162,3 +187,27 @@ class TwistdStartupErrorTests(TestCase):
                          rf"popgate: SMTP cannot listen on tcp:{port}:interface=127.0.0.1: "
                          r".*Address already in use")
         self.assertNotIn("Traceback", result.stdout + result.stderr)
+
+    def test_port_in_use_daemonised(self):
+        # Without -n, twistd's parent waits for its daemon child's word: it must get it
+        # (and exit 1), not wait for ever on a child that ended.
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        work = os.path.abspath(self.mktemp())
+        os.makedirs(work)
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        result = subprocess.run(
+            [twistd, "--pidfile", os.path.join(work, "twistd.pid"), "--logfile",
+             os.path.join(work, "twistd.log"), "popgate", "--data-dir",
+             os.path.join(work, "data"), "--smtp", f"tcp:{port}:interface=127.0.0.1",
+             "--pop3", "tcp:0:interface=127.0.0.1"],
+            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True,
+            timeout=60, cwd=work)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"An error has occurred: b'popgate.service.StartupFailed: popgate: "
+                      f"SMTP cannot listen on tcp:{port}", result.stderr)
+        self.assertIn(f"popgate: SMTP cannot listen on tcp:{port}:interface=127.0.0.1: ",
+                      read(os.path.join(work, "twistd.log")).decode())

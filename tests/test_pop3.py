@@ -1328,3 +1328,125 @@ class FuzzTests(POP3TestCase):
             self.clock.advance(20)
         self.assertEqual(self.flushLoggedErrors(), [])
         self.assertEqual(self.limiter.total, 0)
+
+
+class SessionEventTests(POP3TestCase):
+    """What a POP3 session publishes, and that no secret is ever in it."""
+
+    SECRET = "s3cret-Zq"
+
+    def setUp(self):
+        super().setUp()
+        UserFile(self.users_path).add("carol@example.org", hash_password(self.SECRET, "PLAIN"))
+        self.log_events = []
+        globalLogPublisher.addObserver(self.log_events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.log_events.append)
+
+    def assertNoSecret(self, *secrets_seen: bytes) -> None:
+        published = repr([(e.kind, e.session, dict(e.data)) for e in self.recorder.events])
+        logged = "\n".join(formatEvent(e) + repr(e) for e in self.log_events)
+        for secret in (self.SECRET.encode(), *secrets_seen):
+            for text in (published, logged):
+                self.assertNotIn(secret.decode(), text)
+                self.assertNotIn(base64.b64encode(secret).decode(), text)
+
+    def commands(self) -> list[str]:
+        return [e.data["line"] for e in self.recorder.of("command")]
+
+    def test_user_pass_right_and_wrong(self):
+        session = self.connect()
+        session.send(f"USER carol@example.org\r\nPASS {self.SECRET}x\r\n".encode())
+        self.clock.advance(2)
+        session.send(f"USER carol@example.org\r\nPASS {self.SECRET}\r\n".encode())
+        self.clock.advance(4)
+        self.assertIn(b"+OK Logged in", session.take())
+        self.assertEqual(self.commands(), ["USER carol@example.org", "PASS ********"] * 2)
+        results = [e.data["result"] for e in self.recorder.of("login")]
+        self.assertEqual(results, ["failed", "ok"])
+        self.assertNoSecret()
+
+    def test_auth_plain_initial_response_and_continuation(self):
+        response = plain("", "carol@example.org", self.SECRET)
+        session = self.connect()
+        session.send(b"AUTH PLAIN " + response + b"\r\n")
+        session.send(b"QUIT\r\n")
+        session = self.connect()
+        session.send(b"AUTH PLAIN\r\n" + response + b"\r\n")
+        self.assertEqual(self.commands(), ["AUTH PLAIN ********", "QUIT", "AUTH PLAIN",
+                                           "********"])
+        self.assertNoSecret(response)
+
+    def test_apop_digest(self):
+        factory = self.make_factory(**{"pop3.apop": True})
+        session = self.connect(factory=factory)
+        timestamp = session.take().split(b" ")[-1].strip()
+        digest = hashlib.md5(timestamp + self.SECRET.encode()).hexdigest()
+        self.assertIn(b"+OK Logged in", session.send(f"APOP carol@example.org {digest}\r\n"
+                                                     .encode()))
+        self.assertEqual(self.commands(), ["APOP carol@example.org ********"])
+        self.assertNoSecret(digest.encode())
+
+    def test_a_login_on_a_closed_connection(self):
+        session = self.connect()
+        session.send(f"USER carol@example.org\r\nPASS {self.SECRET}-wrong\r\n".encode())
+        session.drop()
+        self.clock.advance(30)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNoSecret(f"{self.SECRET}-wrong".encode())
+
+    def test_states_and_messages(self):
+        self.deliver(b"Subject: a\n\nbody\n")
+        self.deliver(b"Subject: b\n\nbody\n")
+        session = self.open_session()
+        session.send(b"RETR 1\r\nTOP 2 0\r\nDELE 2\r\nRSET\r\nDELE 1\r\nQUIT\r\n")
+        session.drop()
+        states = [e.data["state"] for e in self.recorder.of("state")]
+        self.assertEqual(states, ["AUTHORIZATION", "TRANSACTION", "UPDATE"])
+        actions = [(e.data["action"], e.data.get("number")) for e in self.recorder.of("message")]
+        self.assertEqual(actions, [("retrieved", 1), ("topped", 2), ("deleted", 2),
+                                   ("undeleted", None), ("deleted", 1), ("removed", None)])
+        [closed] = self.recorder.of("closed")
+        self.assertEqual((closed.data["retrieved"], closed.data["deleted"]), (1, 1))
+        summaries = [e.data.get("summary") for e in self.recorder.of("reply")]
+        self.assertIn("retrieved message 1: 20 octets as listed", summaries)
+
+
+class ShutdownDrainTests(POP3TestCase):
+    """SIGTERM: idle sessions get -ERR [SYS/TEMP]; an UPDATE in flight is answered first."""
+
+    def test_idle_sessions_are_told_and_nothing_is_deleted(self):
+        self.deliver(b"Subject: a\n\nbody\n")
+        logged_in = self.open_session()
+        logged_in.send(b"DELE 1\r\n")
+        greeted = self.connect()
+        greeted.take()
+        self.factory.sessions.drain(5)
+        for session in (logged_in, greeted):
+            self.assertEqual(session.take(),
+                             b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n")
+            self.assertTrue(session.closed)
+        logged_in.drop()
+        self.assertEqual(len(self.message_files()), 1, "no UPDATE without QUIT")
+
+    def test_an_update_in_flight_is_answered(self):
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        d = self.factory.sessions.drain(5)
+        self.assertEqual(session.take(), b"")
+        pending.pop()()
+        self.assertEqual(session.take(), b"+OK popgate signing off (1 message deleted)\r\n")
+        session.drop()
+        self.successResultOf(d)
+        self.assertEqual(self.message_files(), [])
+
+    def test_a_message_being_sent_is_finished_first(self):
+        self.deliver(b"Subject: big\n\n" + b"x" * 200_000 + b"\n")
+        session = self.open_session(socket_buffer=1000)
+        session.send(b"RETR 1\r\n")
+        self.factory.sessions.drain(5)
+        sent = session.drain()
+        self.assertTrue(sent.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] Server shutting down, "
+                                      b"try again later\r\n"), sent[-80:])

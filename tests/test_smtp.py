@@ -1228,3 +1228,59 @@ class SessionEventTests(SMTPFixture, TestCase):
     def test_two_sessions_from_one_host_have_their_own_ids(self):
         first, second = self.connect(), self.connect()
         self.assertNotEqual(first.protocol.info.id, second.protocol.info.id)
+
+
+class ShutdownDrainTests(SMTPFixture, TestCase):
+    """SIGTERM: idle sessions get 421 4.3.2, a commit in flight is answered first."""
+
+    def test_an_idle_session_is_told_and_closed(self):
+        client = self.connect()
+        client.send(EHLO + MAIL)
+        d = self.factory.sessions.drain(5)
+        self.assertReplies(client.replies(), ["421 4.3.2"])
+        self.assertTrue(client.closed)
+        self.assertNoResult(d)
+        client.disconnect()
+        self.successResultOf(d)
+        [closed] = self.recorder.of("closed")
+        self.assertEqual(closed.data["reason"], "server shutdown")
+
+    def test_a_message_half_sent_is_refused_and_not_stored(self):
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\nSubject: half\r\n")
+        self.factory.sessions.drain(5)
+        self.assertReplies(client.replies(), ["421 4.3.2"])
+        client.disconnect()
+        self.check_nothing_stored()
+
+    def test_a_commit_in_flight_is_answered_before_the_421(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n")
+        threads.run_next()  # the files open
+        self.assertReplies(client.send(MESSAGE), [])  # the commit waits in its thread
+        d = self.factory.sessions.drain(5)
+        self.assertEqual(client.replies(), [])
+        self.assertFalse(client.closed)
+        threads.run_next()
+        self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as", "421 4.3.2"])
+        self.assertTrue(client.closed)
+        self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
+        client.disconnect()
+        self.successResultOf(d)
+
+    def test_what_is_left_after_the_drain_time_is_cut(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n")
+        threads.run_next()
+        client.send(MESSAGE)
+        d = self.factory.sessions.drain(5)
+        self.clock.advance(5)
+        self.successResultOf(d)
+        self.assertTrue(client.transport.disconnecting)
+        client.disconnect()
+        [closed] = self.recorder.of("closed")
+        self.assertEqual(closed.data["reason"], "server shutdown: drain time exceeded")

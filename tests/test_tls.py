@@ -620,8 +620,24 @@ class SelfSignedTests(unittest.TestCase):
         )
         self.assertTrue(client.version().startswith("TLSv1."))
         self.assertEqual(
-            self._subject_alt_names().get_values_for_type(x509.DNSName), ["mail.example.org"]
+            self._subject_alt_names().get_values_for_type(x509.DNSName),
+            ["mail.example.org", "localhost"],
         )
+
+    def test_local_names_and_extra_names(self):
+        # Local clients (curl --cacert, fetchmail on the server itself) verify it too.
+        make_selfsigned("mail.example.org", self.cert, self.key,
+                        extra_names=("pop.example.org", "192.0.2.7", "::1"))
+        sans = self._subject_alt_names()
+        self.assertEqual(sans.get_values_for_type(x509.DNSName),
+                         ["mail.example.org", "pop.example.org", "localhost"])
+        self.assertEqual([str(ip) for ip in sans.get_values_for_type(x509.IPAddress)],
+                         ["192.0.2.7", "::1", "127.0.0.1"])
+        options = load_certificate_options(self.cert, self.key)
+        for name in ("localhost", "127.0.0.1", "pop.example.org"):
+            _handshake_in_memory(
+                _new_server_connection(options), _client_context(self.cert), name
+            )
 
     def test_ip_address_gets_ip_san(self):
         make_selfsigned("127.0.0.1", self.cert, self.key)
@@ -629,7 +645,7 @@ class SelfSignedTests(unittest.TestCase):
         self.assertEqual(
             [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)], ["127.0.0.1"]
         )
-        self.assertEqual(sans.get_values_for_type(x509.DNSName), ["127.0.0.1"])
+        self.assertEqual(sans.get_values_for_type(x509.DNSName), ["127.0.0.1", "localhost"])
         options = load_certificate_options(self.cert, self.key)
         _handshake_in_memory(
             _new_server_connection(options), _client_context(self.cert), "127.0.0.1"
@@ -651,6 +667,7 @@ class SelfSignedTests(unittest.TestCase):
         make_selfsigned("one.example.org", self.cert, self.key)
         make_selfsigned("two.example.org", self.cert, self.key)
         self.assertEqual(
-            self._subject_alt_names().get_values_for_type(x509.DNSName), ["two.example.org"]
+            self._subject_alt_names().get_values_for_type(x509.DNSName),
+            ["two.example.org", "localhost"],
         )
         load_certificate_options(self.cert, self.key)

@@ -206,11 +206,14 @@ class UserFileTests(unittest.TestCase):
         UserFile(path).add("alice@example.org", "{PLAIN}pw")
         self.assertEqual(UserDB(path).get("alice@example.org").password, "{PLAIN}pw")
 
-    def test_mode_0600_after_rewrite_of_a_world_readable_file(self):
+    def test_rewrite_keeps_owner_and_group_mode_but_never_others(self):
         self.write("bob@example.org:{PLAIN}x\n")
         os.chmod(self.path, 0o644)
         self.file.add("alice@example.org", "{PLAIN}pw")
-        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o640)
+        os.chmod(self.path, 0o660)
+        self.file.delete("alice@example.org")
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
 
     def test_add_bad_name_refused(self):
         self.assertRaises(AddressError, self.file.add, "../x@a.b", "{PLAIN}pw")

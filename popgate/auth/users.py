@@ -16,7 +16,8 @@ showed in profiles), except after a miss: a name or domain that is not in the ca
 table makes it look again at once, so a user added a moment ago is found at once, and a
 changed password or a removed user is seen within a second.  Writers (the CLI) hold an
 ``flock`` on ``<file>.lock`` for the read-modify-write and replace the file atomically
-(temp file, fsync, rename, directory fsync, mode 0600).
+(temp file, fsync, rename, directory fsync), keeping the file's owner, group and mode
+(mode 0600 and the directory's owner for a new file).
 Password verification is slow on purpose; :class:`PasswordChecker` runs it through an
 injected ``run_in_thread`` so it never blocks the reactor.
 """
@@ -206,6 +207,17 @@ class UserDB:
         self._refresh(force=True)
         return sorted(self._users.values(), key=lambda u: u.name)
 
+    def first(self) -> User | None:
+        """The first user in the file (``popgate init``'s, or the oldest one added)."""
+        self._refresh()
+        return next(iter(self._users.values()), None)
+
+    def reload(self) -> int:
+        """Read the file again now, even if its stat looks unchanged (SIGHUP); the count."""
+        self._identity = None
+        self._refresh(force=True)
+        return len(self._users)
+
     def _refresh(self, force: bool = False) -> bool:
         """Re-read the file if it changed; True if it was looked at (not throttled)."""
         now = self._clock()
@@ -295,7 +307,12 @@ class UserFile:
         return lines
 
     def _write_atomically(self, lines: list[str]) -> None:
-        write_atomically(self.path, "".join(line + "\n" for line in lines).encode("utf-8"))
+        # Keep the file's owner, group and mode: run as root, `popgate user add` must not
+        # leave a file the server's user cannot read.  A new file takes its directory's
+        # owner and group (mode 0600).
+        like = self.path if os.path.exists(self.path) else os.path.dirname(self.path) or "."
+        write_atomically(self.path, "".join(line + "\n" for line in lines).encode("utf-8"),
+                         like=like)
 
 
 def _check_storable(password_hash: str) -> None:

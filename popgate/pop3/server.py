@@ -177,6 +177,8 @@ class POP3Server(LineSession):
     """One POP3 session.  Built by :class:`POP3Factory`, which holds the settings."""
 
     block_size = BLOCK_SIZE
+    # Deletions under way, and a message being sent, are finished and answered first.
+    finish_on_shutdown = frozenset({"update", "retr"})
 
     def __init__(self, factory: POP3Factory, slot_host: str):
         super().__init__(factory, slot_host)
@@ -270,6 +272,10 @@ class POP3Server(LineSession):
 
     def backlog(self) -> int:
         return len(self._buffer)
+
+    def goodbye(self) -> None:
+        # RFC 1939 §3 has no goodbye; RFC 3206 §4's SYS/TEMP says "try again later".
+        self._send(b"-ERR [SYS/TEMP] Server shutting down, try again later")
 
     def overflow(self) -> None:
         self._send(b"-ERR Too much pipelined input")
@@ -790,9 +796,9 @@ class POP3Factory(SessionFactory):
     protocol_name = "POP3"
 
     def __init__(self, *, config, authenticator: Authenticator, clock, limiter, events,
-                 tls=None, implicit_tls: bool = False):
+                 tls=None, implicit_tls: bool = False, sessions=None):
         super().__init__(config=config, clock=clock, limiter=limiter, events=events, tls=tls,
-                         implicit_tls=implicit_tls)
+                         implicit_tls=implicit_tls, sessions=sessions)
         self.authenticator = authenticator
 
     def refusal_line(self, reason: str) -> bytes:

@@ -11,8 +11,11 @@
     (RFC 5233);
   - lookup order: the exact alias ``local@domain``, then (for ``postmaster``, RFC 5321
     §4.5.1) the ``server.postmaster`` user, then the user ``local@domain``, then the
-    domain's catch-all ``@domain``; alias targets that are not in the user database are
-    skipped (and logged); nothing left: ``550 5.1.1``.
+    domain's catch-all ``@domain``, then (for ``postmaster`` again) the first user in the
+    users file, so that ``postmaster@`` of every local domain reaches someone by default
+    (:func:`describe_postmaster` names who, for ``popgate config check`` and the start-up
+    log); alias targets that are not in the user database are skipped (and logged);
+    nothing left: ``550 5.1.1``.
 
 * :class:`Deliverer` turns an :class:`Arrival` into a :class:`Transaction`: one Maildir
   ``tmp/`` file per recipient *user* (a user reached through several addresses gets one
@@ -110,17 +113,18 @@ class Router:
         """The bare ``<Postmaster>`` recipient, which RFC 5321 §4.5.1 requires to work.
 
         It is the postmaster of this host's name or, failing that, of its parent domains
-        (``mx.example.org``, then ``example.org``).
+        (``mx.example.org``, then ``example.org``); failing both, the default postmaster
+        (the first user).
         """
         labels = self._hostname.split(".")
-        resolution = Resolution(refusal=UNKNOWN_USER)
-        for start in range(max(len(labels) - 1, 1)):
-            resolution = self._lookup("postmaster", ".".join(labels[start:]))
+        domains = [".".join(labels[start:]) for start in range(max(len(labels) - 1, 1))]
+        for domain in domains:
+            resolution = self._lookup("postmaster", domain, default=False)
             if resolution.refusal is None:
-                break
-        return resolution
+                return resolution
+        return self._lookup("postmaster", domains[0])
 
-    def _lookup(self, local: str, domain: str) -> Resolution:
+    def _lookup(self, local: str, domain: str, default: bool = True) -> Resolution:
         address = f"{local}@{domain}"
         targets = self._aliases.get(address)
         if targets is None and local == "postmaster" and self._postmaster:
@@ -129,6 +133,8 @@ class Router:
             targets = (address,)
         if targets is None:
             targets = self._aliases.get("@" + domain)
+        if targets is None and local == "postmaster" and default:
+            targets = _default_postmaster(self._users)
         if targets is None:
             return Resolution(refusal=UNKNOWN_USER)
         users = self._existing_users(address, targets)
@@ -152,6 +158,29 @@ class Router:
             else:
                 users.setdefault(user.name, user)
         return tuple(users.values())
+
+
+def _default_postmaster(users: UserDB) -> tuple[str, ...] | None:
+    first = users.first()
+    return (first.name,) if first is not None else None
+
+
+def describe_postmaster(config, users: UserDB) -> str:
+    """Who receives ``postmaster@`` of the local domains, in one line for the operator."""
+    chosen = config.server.postmaster
+    if chosen and users.get(chosen) is not None:
+        return f"postmaster@<every local domain> goes to {chosen} (server.postmaster)"
+    fallback = _default_postmaster(users)
+    if fallback is None:
+        default = (f"will go to the first user added to {users.path} "
+                   "(there is none yet)")
+    else:
+        default = f"goes to {fallback[0]}, the first user in {users.path}"
+    line = (f"postmaster@<every local domain> {default}, unless an alias, a user "
+            "postmaster@<domain> or a catch-all of that domain says otherwise")
+    if chosen:
+        return f"server.postmaster {chosen} is not a user: {line}"
+    return line + "; set server.postmaster to choose"
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,7 @@ class SMTPServer(LineSession):
     """One SMTP or LMTP session."""
 
     log = Logger()
+    finish_on_shutdown = frozenset({"commit"})  # a message being made durable is answered
 
     def __init__(self, factory: SMTPFactory, slot_host: str):
         super().__init__(factory, slot_host)
@@ -188,6 +189,11 @@ class SMTPServer(LineSession):
     def input_consumed(self) -> None:
         self._buffer = self._buffer[self._position:]
         self._position = 0
+
+    def goodbye(self) -> None:
+        # RFC 5321 §3.8: a server that must stop answers 421 to whatever comes next.
+        self._reply(421, "4.3.2", f"{self.factory.hostname} Service shutting down, "
+                                  f"try again later")
 
     def overflow(self) -> None:
         self._reply(421, "4.7.0", f"{self.factory.hostname} Error: too much pipelined input")
@@ -773,9 +779,10 @@ class SMTPFactory(SessionFactory):
     session_class = SMTPServer
 
     def __init__(self, *, config, router: Router, deliverer: Deliverer, clock, limiter,
-                 events, tls=None, lmtp: bool = False, implicit_tls: bool = False):
+                 events, tls=None, lmtp: bool = False, implicit_tls: bool = False,
+                 sessions=None):
         super().__init__(config=config, clock=clock, limiter=limiter, events=events, tls=tls,
-                         implicit_tls=implicit_tls)
+                         implicit_tls=implicit_tls, sessions=sessions)
         self.lmtp = lmtp
         self.protocol_name = "LMTP" if lmtp else "SMTP"
         self.commands = LMTP_COMMANDS if lmtp else SMTP_COMMANDS
