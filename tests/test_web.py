@@ -14,7 +14,7 @@ from popgate.events import EventBus, SessionInfo
 from popgate.store.survey import survey
 from popgate.web.board import LabBoard
 from popgate.web.mailboxes import MailboxWatch
-from popgate.web.site import build_site
+from popgate.web.site import _Stream, build_site
 from tests import fakes
 
 
@@ -183,6 +183,45 @@ class BoardTests(TestCase):
         remove()
         self.clock.advance(1)
         self.assertEqual(len(chunks), 3)
+
+
+class _Request:
+    """What an event stream uses of a twisted.web request."""
+
+    def __init__(self):
+        self.written = []
+        self.finished = defer.Deferred()
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def write(self, data):
+        self.written.append(data)
+
+    def notifyFinish(self):
+        return self.finished
+
+
+class StreamTests(TestCase):
+    def test_a_browser_that_does_not_read_gets_a_snapshot_when_it_does(self):
+        clock, events = Clock(), EventBus()
+        board = LabBoard(clock)
+        board.subscribe(events)
+        request = _Request()
+        _Stream(board, clock, request)
+        self.assertEqual(len(request.written), 1)  # the first snapshot
+        request.producer.pauseProducing()
+        publish_pop3_session(events)
+        clock.advance(20)  # changes, and a heartbeat: all dropped
+        self.assertEqual(len(request.written), 1)
+        request.producer.resumeProducing()
+        self.assertEqual(len(request.written), 2)
+        self.assertIn(b'"state":"TRANSACTION"', request.written[1])
+        self.assertTrue(request.written[1].startswith(b"event: snapshot\n"))
+        request.finished.callback(None)
+        self.assertEqual(board.streams, 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class SiteTests(TestCase):

@@ -177,9 +177,13 @@ class LabBoard:
             return defer.succeed(self.mailboxes_json([]))
         return self._watch.fresh().addCallback(self.mailboxes_json)
 
+    def snapshot(self) -> bytes:
+        """Everything a page needs to start (or to catch up), as one event."""
+        return _sse("snapshot", {**self.sessions_json(), **self.mailboxes_json()})
+
     def add_stream(self, write: Callable[[bytes], None]) -> Callable[[], None]:
         """Send ``write`` a snapshot now and every change from now on; returns a remove."""
-        write(_sse("snapshot", {**self.sessions_json(), **self.mailboxes_json()}))
+        write(self.snapshot())
         self._streams.append(write)
 
         def remove() -> None:

@@ -11,8 +11,9 @@ loopback), every request must carry it: ``Authorization: Bearer TOKEN``, ``?toke
 (which also sets an HttpOnly cookie, so that the page's own requests and EventSource
 carry it), or that cookie.  Anything else gets ``401``.  The access log is off: URLs may
 carry the token, and a dashboard polls.  Every response forbids framing and scripts from
-elsewhere (Content-Security-Policy).  At most ``max_streams`` event streams are open at
-once (``503`` beyond).  Reactor thread only.
+elsewhere (Content-Security-Policy).  An event stream sends nothing while its browser
+does not read, then catches up with a snapshot (:class:`_Stream`).  At most
+``max_streams`` event streams are open at once (``503`` beyond).  Reactor thread only.
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import json
 from importlib import resources as package_files
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+from zope.interface import implementer
 
 from popgate.web.board import LabBoard
 
@@ -191,18 +194,46 @@ class EventStream(Resource):
         return NOT_DONE_YET
 
 
+@implementer(IPushProducer)
 class _Stream:
-    """One open ``/events`` response: board changes, and a heartbeat comment."""
+    """One open ``/events`` response: board changes, and a heartbeat comment.
+
+    A browser that stops reading (a laptop put to sleep) must not make the server buffer
+    without end: the stream is the response's push producer; while the transport says
+    pause, changes are dropped, and a fresh snapshot is sent when it says resume.
+    """
 
     def __init__(self, board: LabBoard, clock, request):
+        self._board = board
         self._clock = clock
         self._request = request
-        self._remove = board.add_stream(request.write)
+        self._paused = False
+        self._missed = False
+        request.registerProducer(self, True)
+        self._remove = board.add_stream(self._write)
         self._heartbeat = clock.callLater(_HEARTBEAT, self._beat)
         request.notifyFinish().addBoth(self._finished)
 
+    def _write(self, chunk: bytes) -> None:
+        if self._paused:
+            self._missed = True
+        else:
+            self._request.write(chunk)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._missed:
+            self._missed = False
+            self._request.write(self._board.snapshot())
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
     def _beat(self) -> None:
-        self._request.write(b": alive\n\n")
+        self._write(b": alive\n\n")
         self._heartbeat = self._clock.callLater(_HEARTBEAT, self._beat)
 
     def _finished(self, _ignored) -> None:
