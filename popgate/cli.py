@@ -35,7 +35,7 @@ from popgate.auth.users import (
 from popgate.smtp.delivery import describe_postmaster
 
 
-class CommandError(Exception):
+class AdminError(Exception):
     """A failure to report as one line."""
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (CommandError, configuration.ConfigError, UserError, AddressError) as e:
+    except (AdminError, configuration.ConfigError, UserError, AddressError) as e:
         print(f"popgate: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a file the command had to write or read
@@ -170,14 +170,14 @@ def _read_password(args) -> str:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     elif not sys.stdin.isatty():
-        raise CommandError("no terminal to ask for the password on; "
+        raise AdminError("no terminal to ask for the password on; "
                            "give it on standard input with --password-stdin")
     else:
         password = getpass.getpass("Password: ")
         if getpass.getpass("Again: ") != password:
-            raise CommandError("passwords do not match")
+            raise AdminError("passwords do not match")
     if not password:
-        raise CommandError("empty password refused")
+        raise AdminError("empty password refused")
     if args.scheme == "PLAIN":
         print("popgate: warning: {PLAIN} stores the password in clear; "
               "use it only for APOP labs", file=sys.stderr)
@@ -232,7 +232,7 @@ def _server_account(args, config) -> preflight.Account:
         if args.server_user:
             return preflight.Account.named(args.server_user)
     except KeyError:
-        raise CommandError(f"no such user {args.server_user}") from None
+        raise AdminError(f"no such user {args.server_user}") from None
     if os.path.exists(config.server.data_dir):
         return preflight.Account.owner_of(config.server.data_dir)
     return preflight.Account.current()
@@ -249,7 +249,7 @@ def _init(args) -> None:
     name = args.user
     if name is None:
         if not sys.stdin.isatty():
-            raise CommandError("no terminal to ask for the first user on; give --user NAME")
+            raise AdminError("no terminal to ask for the first user on; give --user NAME")
         name = input("First user (local@domain, also gets postmaster@ mail): ").strip()
     name = normalise_user(name)
     owner = args.owner or ("popgate" if args.systemd else None)
@@ -257,7 +257,7 @@ def _init(args) -> None:
         try:
             preflight.Account.named(owner)
         except KeyError:
-            raise CommandError(f"no such user {owner}; create it first: useradd --system "
+            raise AdminError(f"no such user {owner}; create it first: useradd --system "
                                f"--home-dir {data_dir} --shell /usr/sbin/nologin {owner}"
                                ) from None
     plan = firstrun.Plan(config_path=config_path, data_dir=data_dir, hostname=args.hostname,
@@ -275,7 +275,7 @@ def _tls_selfsigned(args) -> None:
 
     existing = [p for p in (args.cert, args.key) if os.path.exists(p)]
     if existing and not args.force:
-        raise CommandError(f"{existing[0]} exists; use --force to replace it")
+        raise AdminError(f"{existing[0]} exists; use --force to replace it")
     make_selfsigned(args.hostname, args.cert, args.key, days=args.days,
                     extra_names=tuple(args.san))
     names = ", ".join(dict.fromkeys([args.hostname, *args.san, *LOCAL_NAMES]))

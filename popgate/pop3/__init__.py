@@ -1,0 +1,1 @@
+"""POP3 side: the protocol (server) and the realm, its only way to the mail."""

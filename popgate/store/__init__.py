@@ -1,0 +1,1 @@
+"""Mail storage, free of Twisted: the Maildir store (and, next, the outbound queue)."""
