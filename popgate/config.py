@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 import typing
@@ -98,12 +99,32 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    trace: bool = False  # every command and reply as C:/S: lines (secrets masked)
+    format: str = "text"  # or "json": one twisted.logger JSON object per line
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: tuple[str, ...] = ()  # Prometheus text at /metrics, e.g. "tcp:9187:interface=::1"
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    listen: tuple[str, ...] = ()  # the lab dashboard, e.g. "tcp:8025:interface=127.0.0.1"
+    token: str = ""  # required unless every listener is loopback; then every request needs it
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
     pop3: POP3Config = field(default_factory=POP3Config)
     tls: TLSConfig = field(default_factory=TLSConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     # "alias@domain" or "@domain" (catch-all) -> local users
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = "<defaults>"
@@ -130,6 +151,9 @@ _SECTIONS = {
     "pop3": POP3Config,
     "tls": TLSConfig,
     "limits": LimitsConfig,
+    "log": LogConfig,
+    "metrics": MetricsConfig,
+    "web": WebConfig,
 }
 
 
@@ -239,7 +263,9 @@ def _validate(config: Config) -> Config:
         _user(src, "server.postmaster", s.postmaster)
     for key, endpoints in [("smtp.listen", smtp.listen), ("smtp.tls_listen", smtp.tls_listen),
                            ("smtp.lmtp_listen", smtp.lmtp_listen), ("pop3.listen", pop3.listen),
-                           ("pop3.tls_listen", pop3.tls_listen)]:
+                           ("pop3.tls_listen", pop3.tls_listen),
+                           ("metrics.listen", config.metrics.listen),
+                           ("web.listen", config.web.listen)]:
         for description in endpoints:
             _check_endpoint(src, key, description)
     if smtp.bare_newline not in ("normalize", "reject"):
@@ -267,7 +293,35 @@ def _validate(config: Config) -> Config:
         raise ConfigError(src, "limits.trusted_proxies", "haproxy: endpoints need the "
                           "addresses of the proxies allowed to send PROXY headers")
     _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen)
+    if config.log.format not in ("text", "json"):
+        raise ConfigError(src, "log.format", 'must be "text" or "json"')
+    if config.web.listen and not config.web.token and not all(
+            is_loopback_endpoint(e) for e in config.web.listen):
+        raise ConfigError(src, "web.token", "required: a web.listen endpoint is not "
+                          "loopback-only (the dashboard shows users and their mail)")
     return config
+
+
+# Twisted endpoint syntax escapes the colons of an IPv6 address: interface=\:\:1
+_INTERFACE = re.compile(r"(?<!\\):interface=((?:\\:|[^:])+)")
+
+
+def is_loopback_endpoint(description: str) -> bool:
+    """True for a TCP endpoint bound to a loopback address, or a UNIX socket (reachable
+    only from this machine, like loopback).  A TCP endpoint without ``interface=``
+    listens on every address, so it is not."""
+    kind = description.split(":", 1)[0]
+    if kind == "unix":
+        return True
+    if kind not in ("tcp", "tcp6"):
+        return False
+    found = _INTERFACE.search(description)
+    if found is None:
+        return False
+    try:
+        return ipaddress.ip_address(found.group(1).replace("\\:", ":")).is_loopback
+    except ValueError:
+        return False
 
 
 def _positive_numbers(config: Config):

@@ -82,6 +82,10 @@ class AuthThreadPool(Service):
     def run(self, f, *args):
         return threads.deferToThreadPool(self._reactor, self._pool, _at_low_priority, f, *args)
 
+    def queued(self) -> int:
+        """Password checks waiting for a thread (the auth_queue_length metric)."""
+        return self._pool.q.qsize()
+
 
 def _at_low_priority(f, *args):
     # On Linux each thread has its own nice value; lowering it again is a no-op.
@@ -299,11 +303,49 @@ def makeService(config: Config, reactor=None) -> MultiService:
                    sessions=sessions)
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+    _observe(top, config, events, store, reactor, users, auth_threads)
     # Stopped before the listeners' services (a MultiService stops its children in
     # reverse order, in one go): the drain starts as listening stops.
     DrainService(sessions, config.server.drain_timeout).setServiceParent(top)
     ReadyService(reactor).setServiceParent(top)
     return top
+
+
+def _observe(top: MultiService, config: Config, events: EventBus, store: MaildirStore,
+             reactor, users: UserDB, auth_threads: AuthThreadPool) -> None:
+    """The observers of the session events, and the metrics and dashboard listeners."""
+    if config.log.trace:
+        from popgate.observe.trace import ProtocolTrace
+
+        ProtocolTrace().subscribe(events)
+    if not (config.metrics.listen or config.web.listen):
+        return
+    from twisted.web.resource import Resource
+
+    from popgate.observe.metrics import Metrics, MetricsPage
+    from popgate.web.board import LabBoard
+    from popgate.web.mailboxes import MailboxWatch
+    from popgate.web.site import QuietSite, build_site
+
+    watch = MailboxWatch(reactor, partial(_defer_to_reactor_pool, reactor), store.root,
+                         lambda: [user.name for user in users.users()])
+    watch.setServiceParent(top)
+    metrics_page = None
+    if config.metrics.listen:
+        metrics = Metrics(auth_queue=auth_threads.queued, mailboxes=lambda: watch.latest)
+        metrics.subscribe(events)
+        metrics_page = MetricsPage(metrics)
+        root = Resource()
+        root.putChild(b"metrics", metrics_page)
+        site = QuietSite(root)
+        for description in config.metrics.listen:
+            ListenerService(reactor, description, site, "metrics").setServiceParent(top)
+    if config.web.listen:
+        board = LabBoard(reactor, watch)
+        board.subscribe(events)
+        site = build_site(board, reactor, config.web.token, metrics_page)
+        for description in config.web.listen:
+            ListenerService(reactor, description, site, "web").setServiceParent(top)
 
 
 def _defer_to_reactor_pool(reactor, f, *args, **kwargs):

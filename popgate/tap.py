@@ -15,7 +15,11 @@ from popgate.service import makeService as _makeService
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR]"
+    synopsis = ("[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR] "
+                "[--trace]")
+    optFlags = [
+        ["trace", None, "Log every command and reply as C:/S: lines ([log] trace = true)."],
+    ]
     optParameters = [
         ["config", "c", None, "TOML configuration file; `popgate config example` prints a "
                               "commented sample, `popgate init` writes one."],
@@ -43,6 +47,8 @@ class Options(usage.Options):
             overrides["pop3.listen"] = list(self["pop3"])
         if self["data-dir"]:
             overrides["server.data_dir"] = self["data-dir"]
+        if self["trace"]:
+            overrides["log.trace"] = True
         return overrides
 
     def postOptions(self) -> None:
@@ -55,4 +61,11 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
-    return _makeService(options.config)
+    service = _makeService(options.config)
+    twistd = getattr(options, "parent", None)  # twistd's own options (--logfile, -n)
+    if options.config.log.format == "json" and twistd is not None:
+        from popgate.observe.jsonlog import JSONLogging, json_observer
+
+        service = JSONLogging(service, json_observer(twistd.get("logfile"),
+                                                     twistd.get("nodaemon", False)))
+    return service

@@ -38,6 +38,9 @@ EXPECTED_ERRORS = {
     "tls-listen-without-certificate.toml": "tls.certificate: required by the tls_listen endpoints",
     "haproxy-without-trusted-proxies.toml": "limits.trusted_proxies: haproxy: endpoints need "
                                             "the addresses of the proxies allowed",
+    "web-without-token.toml": "web.token: required: a web.listen endpoint is not "
+                              "loopback-only",
+    "bad-log-format.toml": 'log.format: must be "text" or "json"',
 }
 
 
@@ -67,7 +70,7 @@ class DefaultsTests(TestCase):
             elif m := re.match(r"#(\w+) = (.*)$", line):
                 listed[f"{section}.{m.group(1)}"] = tomllib.loads(f"v = {m.group(2)}")["v"]
         defaults = config.Config()
-        for name in ("server", "smtp", "pop3", "tls", "limits"):
+        for name in config._SECTIONS:
             for field in dataclasses.fields(getattr(defaults, name)):
                 key = f"{name}.{field.name}"
                 self.assertIn(key, listed, f"{key} missing from popgate/data/popgate.toml")
@@ -132,6 +135,42 @@ class PrecedenceTests(TestCase):
     def test_missing_file(self):
         e = self.assertRaises(config.ConfigError, config.load, "/nonexistent/popgate.toml")
         self.assertEqual(str(e), "/nonexistent/popgate.toml: No such file or directory")
+
+
+class LabKeysTests(TestCase):
+    def write(self, text: str) -> str:
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_web_token_not_needed_on_loopback_only(self):
+        c = config.load(self.write('[web]\nlisten = ["tcp:8025:interface=127.0.0.1", '
+                                   '"tcp6:8025:interface=\\\\:\\\\:1", "unix:/run/lab"]\n'))
+        self.assertEqual(c.web.token, "")
+        c = config.load(self.write('[web]\nlisten = ["tcp:8025"]\ntoken = "t"\n'))
+        self.assertEqual(c.web.listen, ("tcp:8025",))
+
+    def test_loopback_endpoints(self):
+        for description, loopback in [("tcp:8025:interface=127.0.0.1", True),
+                                      ("tcp:8025:interface=127.1.2.3", True),
+                                      ("tcp6:8025:interface=\\:\\:1", True),
+                                      ("unix:/run/popgate/lab", True),
+                                      ("tcp:8025", False),
+                                      ("tcp:8025:interface=0.0.0.0", False),
+                                      ("tcp6:8025:interface=\\:\\:", False),
+                                      ("ssl:8025:interface=127.0.0.1", False)]:
+            self.assertEqual(config.is_loopback_endpoint(description), loopback, description)
+
+    def test_trace_option(self):
+        from popgate.tap import Options
+
+        options = Options()
+        options.parseOptions(["--trace"])
+        self.assertTrue(options.config.log.trace)
+        options = Options()
+        options.parseOptions([])
+        self.assertFalse(options.config.log.trace)
 
 
 class BadConfigTests(TestCase):

@@ -62,6 +62,14 @@ class LayerRuleTests(TestCase):
             self.assertEqual(offending(layer, ("popgate.observe", "popgate.web",
                                                "popgate.service")), [], layer)
 
+    def test_observers_know_only_the_events(self):
+        """The trace, metrics, logs and dashboard see sessions only through the events
+        (and the Maildirs through the store's read-only survey)."""
+        for layer in ("observe", "web"):
+            self.assertEqual(offending(layer, ("popgate.smtp", "popgate.pop3", "popgate.auth",
+                                               "popgate.lineproto", "popgate.service")),
+                             [], layer)
+
     def test_shared_layers_import_no_protocol(self):
         shared = ("addresses", "codec", "config", "events", "fileio", "limits", "lineproto",
                   "loglimit", "proxy", "tls", "auth")

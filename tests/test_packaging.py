@@ -102,6 +102,13 @@ class FreshVenvTests(TestCase):
         self.assertIn(f"\nExecStart={os.path.join(bin_dir, 'twistd')} --nodaemon", service)
         self.assertEqual(len(os.listdir(os.path.join(cwd, "units"))), 6)
         shutil.rmtree(os.path.join(cwd, "first"))
+        # The dashboard's page, style and script are package data: they must install too.
+        assets = subprocess.run(
+            [os.path.join(bin_dir, "python"), "-c", "from importlib.resources import files; "
+             "s = files('popgate.web') / 'static'; print(sorted(p.name for p in s.iterdir()))"],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+        self.assertEqual(assets.stdout.strip(),
+                         "['favicon.svg', 'index.html', 'lab.css', 'lab.js']", assets.stderr)
 
     def check_twistd_runs(self, bin_dir: str, cwd: str, env: dict) -> None:
         args = [os.path.join(bin_dir, "twistd"), "-n", "--pidfile=", "--logfile=-", "popgate",
