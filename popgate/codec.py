@@ -127,3 +127,26 @@ class DotEncoder:
         if tail:
             self._line_start = False
         return tail + (b".\r\n" if self._line_start else b"\r\n.\r\n")
+
+
+_SUMMARY_HEADERS = (b"from", b"to", b"subject")
+SUMMARY_HEAD = 2048  # octets of a message's start that a summary looks at
+
+
+def header_summary(head: bytes) -> str:
+    """``From: ..., To: ..., Subject: ...`` from the start of a message (LF or CRLF line
+    ends; at most :data:`SUMMARY_HEAD` octets read), for the protocol trace and the lab
+    view, which show a message body as a summary, never whole.  Each value is cut at 60
+    characters; a header folded onto further lines shows its first line only."""
+    found: dict[bytes, str] = {}
+    for line in head[:SUMMARY_HEAD].split(b"\n"):
+        line = line.rstrip(b"\r")
+        if not line:
+            break  # the end of the header section
+        name, colon, value = line.partition(b":")
+        key = name.strip().lower()
+        if colon and key in _SUMMARY_HEADERS and key not in found:
+            text = value.strip().decode("utf-8", "replace")
+            found[key] = text if len(text) <= 60 else text[:59] + "…"
+    return ", ".join(f"{k.decode().capitalize()}: {found[k]}" for k in _SUMMARY_HEADERS
+                     if k in found)

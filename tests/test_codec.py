@@ -4,7 +4,7 @@ import random
 
 from twisted.trial import unittest
 
-from popgate.codec import ChunkDecoder, DataDecoder, DotEncoder
+from popgate.codec import ChunkDecoder, DataDecoder, DotEncoder, header_summary
 
 
 def decode(*pieces: bytes) -> tuple[bytes, bytes | None, bool]:
@@ -312,3 +312,18 @@ class RoundTripTests(unittest.TestCase):
                 clean += 1
                 self.assertEqual(received, sent, message)
         self.assertGreater(clean, 100)  # the property was checked on clean messages too
+
+
+class HeaderSummaryTests(unittest.TestCase):
+    def test_from_to_subject_in_that_order_until_the_blank_line(self):
+        head = (b"Return-Path: <x@y>\r\nSubject: Hello\r\n\tworld\r\nTO: bob@example.org\r\n"
+                b"From: Alice <alice@example.org>\r\n\r\nSubject: not a header\r\n")
+        self.assertEqual(header_summary(head), "From: Alice <alice@example.org>, "
+                                                     "To: bob@example.org, Subject: Hello")
+
+    def test_long_and_undecodable_values_and_no_headers(self):
+        summary = header_summary(b"Subject: " + b"\xff" + b"x" * 100 + b"\n\nbody")
+        self.assertTrue(summary.startswith("Subject: \ufffdxxx"))
+        self.assertEqual(len(summary), len("Subject: ") + 60)
+        self.assertEqual(header_summary(b"\nSubject: after the blank line\n"), "")
+        self.assertEqual(header_summary(b"x" * 10_000), "")

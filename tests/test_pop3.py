@@ -1408,7 +1408,7 @@ class SessionEventTests(POP3TestCase):
         [closed] = self.recorder.of("closed")
         self.assertEqual((closed.data["retrieved"], closed.data["deleted"]), (1, 1))
         summaries = [e.data.get("summary") for e in self.recorder.of("reply")]
-        self.assertIn("retrieved message 1: 20 octets as listed", summaries)
+        self.assertIn("retrieved message 1: 20 octets as listed; Subject: a", summaries)
 
 
 class ShutdownDrainTests(POP3TestCase):

@@ -1209,12 +1209,16 @@ class SessionEventTests(SMTPFixture, TestCase):
                                     "RCPT TO:<nobody@example.org>", "DATA", "QUIT"])
         replies = [e.data["line"] for e in self.recorder.of("reply")]
         self.assertEqual(replies[0], f"220 {HOSTNAME} ESMTP popgate")
+        self.assertEqual(replies[1], f"250-{HOSTNAME}")  # a multi-line reply: its first line
+        self.assertEqual(self.recorder.of("reply")[1].data["lines"], 7)
         self.assertTrue(replies[-2].startswith("250 2.0.0 Ok: queued as "))
         [refused] = self.recorder.of("refused")
         self.assertEqual(refused.data["reply"],
                          "550 5.1.1 <nobody@example.org>: no such user here")
         [delivered] = self.recorder.of("message")
         self.assertEqual(delivered.data["recipients"], ("alice@example.org",))
+        self.assertEqual(delivered.data["summary"], "Subject: hello")
+        self.assertEqual(delivered.data["latency"], 0.0)  # the fake clock did not move
         [stored] = self.maildir_files("alice@example.org")
         with open(stored, "rb") as f:
             content = f.read()

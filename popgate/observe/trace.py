@@ -65,8 +65,9 @@ class ProtocolTrace:
 def delivered_body(data) -> str:
     """The message data a client sent (DATA or BDAT), as the trace shows it: the
     protocol publishes no line per body line, only the delivery, just before its 250."""
+    summary = data.get("summary")
     return (f"[message data: {data.get('octets')} octets stored, {data.get('list_octets')} "
-            f"as LIST reports them]")
+            f"as LIST reports them{'; ' + summary if summary else ''}]")
 
 
 def describe_line(text: str, data) -> str:

@@ -55,7 +55,7 @@ from popgate import __version__
 from popgate.auth import sasl
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
 from popgate.auth.users import APOPCredentials
-from popgate.codec import DotEncoder
+from popgate.codec import DotEncoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
 from popgate.pop3.realm import IMaildrop, MailboxInUse, NoSuchMessage
 
@@ -740,8 +740,11 @@ class POP3Server(LineSession):
             return
         self._errors = 0
         kind = "retrieved" if body_lines is None else "topped"
-        self._write(status + b"\r\n" + first, summary=f"{kind} message {number}: "
-                                                      f"{info.octets} octets as listed")
+        summary = f"{kind} message {number}: {info.octets} octets as listed"
+        if self.events.wants("reply"):
+            headers = header_summary(first)
+            summary += f"; {headers}" if headers else ""
+        self._write(status + b"\r\n" + first, summary=summary)
         self._stream, self._retrieval = stream, number if body_lines is None else None
         self.events.publish("message", self.info, action=kind, number=number,
                             uidl=info.uidl, octets=info.octets)

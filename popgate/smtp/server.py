@@ -45,7 +45,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from popgate.addresses import AddressError, parse_path
-from popgate.codec import ChunkDecoder, DataDecoder
+from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
 from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
@@ -275,7 +275,7 @@ class SMTPServer(LineSession):
         self.transport.write(data)
         if self.events.wants("reply"):
             lines = data.decode("utf-8", "replace").split("\r\n")[:-1]
-            self.events.publish("reply", self.info, line=lines[-1], lines=len(lines))
+            self.events.publish("reply", self.info, line=lines[0], lines=len(lines))
 
     def _reply(self, code: int, enhanced: str | None, *lines: str) -> None:
         prefix = f"{enhanced} " if enhanced else ""
@@ -594,6 +594,8 @@ class SMTPServer(LineSession):
             return
         message = self.message
         message.size += len(body) + body.count(b"\n")  # as sent: CRLF line ends
+        if len(message.head) < SUMMARY_HEAD:
+            message.head += body[:SUMMARY_HEAD - len(message.head)]
         if message.transaction is None:
             return  # refused already: only counting
         if message.size > self.settings.max_message_size:
@@ -622,11 +624,12 @@ class SMTPServer(LineSession):
         message.stage = Stage.COMMITTING
         d = transaction.finish()
         d.addCallbacks(self._delivered, self._not_delivered,
-                       callbackArgs=(transaction, recipients),
+                       callbackArgs=(transaction, recipients, message, self.clock.seconds()),
                        errbackArgs=(transaction, recipients))
         self._wait_for(d, "commit")
 
-    def _delivered(self, refusal: Reply | None, transaction, recipients) -> None:
+    def _delivered(self, refusal: Reply | None, transaction, recipients,
+                   message: MessageInFlight, data_ended: float) -> None:
         if refusal is not None:  # a message check said no
             self._answer_message(recipients, refusal)
             return
@@ -636,7 +639,9 @@ class SMTPServer(LineSession):
             "message", self.info, action="delivered", id=transaction.id,
             sender=arrival.sender, recipients=tuple(r.address for r in recipients),
             users=tuple(u.name for u in transaction.users), octets=transaction.stored_octets,
-            list_octets=transaction.list_octets, tls=arrival.tls)
+            list_octets=transaction.list_octets, tls=arrival.tls,
+            summary=header_summary(message.head),
+            latency=self.clock.seconds() - data_ended)  # end of data to 250
         self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
     def _not_delivered(self, failure, transaction, recipients) -> None:

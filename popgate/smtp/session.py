@@ -89,6 +89,7 @@ class MessageInFlight:
     transaction: Transaction | None = None
     refusal: Reply | None = None
     size: int = 0  # octets received, counted as sent (CRLF line ends)
+    head: bytes = b""  # the first octets of the body (LF), for the trace's summary
     data_decoder: DataDecoder | None = None
     chunk_decoder: ChunkDecoder | None = None
 
