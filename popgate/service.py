@@ -18,7 +18,7 @@ from functools import partial
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import threads
+from twisted.internet import task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -136,7 +136,9 @@ class ReadyService(Service):
 
 
 class StorageService(Service):
-    """Create the data directory (0700) and clear stale ``tmp/`` files at start."""
+    """Create the data directory (0700), mark this process's ``tmp/`` files as its own
+    (:meth:`~popgate.store.maildir.MaildirStore.claim_owner`, after twistd's fork) and
+    clear stale ``tmp/`` files at start."""
 
     def __init__(self, config: Config, store: MaildirStore):
         self.config = config
@@ -146,9 +148,48 @@ class StorageService(Service):
         super().startService()
         os.makedirs(self.config.server.data_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.mail_root, mode=0o700, exist_ok=True)
-        removed = self.store.clean_tmp()
-        if removed:
-            log.info("removed {n} stale tmp/ files", n=removed)
+        self.store.claim_owner()
+        _log_swept(self.store.clean_tmp())
+
+
+TMP_SWEEP_INTERVAL = 300.0  # seconds between sweeps of stale tmp/ files while running
+
+
+class TmpSweepService(Service):
+    """Every few minutes, remove stale ``tmp/`` files (those of popgate processes that
+    died, and foreign ones after 36 hours) in a thread, so that a server that keeps
+    running does not wait for its next start to clean up after another node's crash."""
+
+    def __init__(self, clock, store: MaildirStore, run_in_thread,
+                 interval: float = TMP_SWEEP_INTERVAL):
+        self._store = store
+        self._run_in_thread = run_in_thread
+        self._loop = task.LoopingCall(self._sweep)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def _sweep(self):
+        # The loop waits for this Deferred: sweeps never overlap.
+        d = self._run_in_thread(self._store.clean_tmp)
+        return d.addCallbacks(_log_swept, _sweep_failed)
+
+
+def _log_swept(removed: int) -> None:
+    if removed:
+        log.info("removed {n} stale tmp/ files", n=removed)
+
+
+def _sweep_failed(failure) -> None:
+    log.error("cannot sweep stale tmp/ files: {error}", error=failure.getErrorMessage())
 
 
 class ReloadService(Service):
@@ -192,6 +233,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
 
     top = MultiService()
     StorageService(config, store).setServiceParent(top)
+    TmpSweepService(reactor, store, run_in_thread).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
     ReloadService(reactor, tls).setServiceParent(top)

@@ -206,7 +206,7 @@ class ChunkDecoderTests(unittest.TestCase):
 
     def test_bare_cr_at_chunk_end(self):
         decoder = ChunkDecoder()
-        self.assertEqual(decoder.feed(b"a\r") + decoder.feed(b"b", last=True), b"a\nb")
+        self.assertEqual(decoder.feed(b"a\r") + decoder.feed(b"b", last=True), b"a\nb\n")
         self.assertTrue(decoder.bare_newline)
 
     def test_cr_at_end_of_last_chunk(self):

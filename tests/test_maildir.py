@@ -40,8 +40,8 @@ def sent_octets(content: bytes) -> int:
     encoder = DotEncoder()
     body = encoder.encode(content)
     tail = encoder.finish()
-    if tail.endswith(b"\r\n.\r\n"):  # a CRLF added to end the last line: not message
-        body += tail[:-5]
+    if tail.endswith(b"\r\n.\r\n"):  # a CRLF added to end the last line: the client
+        body += tail[:-3]              # cannot tell it from the message's own (issue 12)
     else:
         assert tail == b".\r\n", tail
     # Undo the dot-stuffing, which LIST does not count (RFC 1939 §11 sizes).
@@ -310,10 +310,10 @@ class ForeignFileTests(StoreTestCase):
         self.check(b"a\r\nb\nc\r\n", 9)
 
     def test_lone_cr(self):
-        self.check(b"a\rb\r", 4)
+        self.check(b"a\rb\r", 6)  # + the CRLF RETR adds
 
     def test_cr_before_crlf(self):
-        self.check(b"a\r\r\nb", 5)
+        self.check(b"a\r\r\nb", 7)
 
     def test_size_field_without_w(self):
         name = "1700000000.M1P2.host,S=4"

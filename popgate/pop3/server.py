@@ -63,11 +63,12 @@ from zope.interface import implementer
 
 from popgate import __version__
 from popgate.auth.penalty import ChecksPerAddress
-from popgate.auth.users import APOPCredentials
+from popgate.auth.users import APOPCredentials, UsersUnavailable
 from popgate.codec import DotEncoder
 from popgate.limits import is_loopback
 from popgate.loglimit import LogLimiter
 from popgate.pop3.realm import IMailbox, NoSuchMessage
+from popgate.smtp.delivery import storage_refusal
 from popgate.store.maildir import MailboxLocked, MessageInfo
 
 MAX_COMMAND_LINE = 255  # octets including CRLF, RFC 2449 §4
@@ -638,7 +639,7 @@ class POP3Server(protocol.Protocol):
         self._busy = True
         host = self._peer_host()
         started = self._clock.seconds()
-        self._at(started + self.factory.penalty.delay(host), self._check_credentials,
+        self._at(started + self.factory.penalty.delay(host, name), self._check_credentials,
                  credentials, started, host, name, secret)
 
     def _check_credentials(self, credentials, started, host, name, secret) -> None:
@@ -665,7 +666,7 @@ class POP3Server(protocol.Protocol):
             self._enter_transaction()
 
     def _enter_transaction(self) -> None:
-        self.factory.penalty.succeeded(self._peer_host())
+        self.factory.penalty.succeeded(self._peer_host(), self._mailbox.user)
         self.state = State.TRANSACTION
         count, octets = self._mailbox.stat()
         self._ok(b"Logged in, %d messages (%d octets)" % (count, octets))
@@ -679,12 +680,18 @@ class POP3Server(protocol.Protocol):
             self.factory.log_refusal(host, "authentication failed",
                                      name.decode("utf-8", "replace"))
             # The answer comes the (new) penalty delay after the attempt began.
-            self._at(started + self.factory.penalty.delay(host), self._refuse_login)
+            self._at(started + self.factory.penalty.delay(host, name), self._refuse_login)
         elif failure.check(MailboxLocked):
             self._at(started, self._answer,
                      b"-ERR [IN-USE] Mailbox is in use by another session")
+        elif failure.check(UsersUnavailable):  # UserDB has logged why, at a bounded rate
+            self._at(started, self._answer,
+                     b"-ERR [SYS/TEMP] User database temporarily unavailable")
         else:
-            log.failure("POP3 login failed for {peer}", failure, peer=host)
+            if failure.check(OSError):  # an expected fault (a full disk): no traceback
+                storage_refusal(failure.value, self.factory._log_limiter)
+            else:
+                log.failure("POP3 login failed for {peer}", failure, peer=host)
             # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
             answer = (b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
                       if failure.check(PermissionError)

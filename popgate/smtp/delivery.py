@@ -12,7 +12,9 @@
   - lookup order: the exact alias ``local@domain``, then (for ``postmaster``, RFC 5321
     §4.5.1) the ``server.postmaster`` user, then the user ``local@domain``, then the
     domain's catch-all ``@domain``; alias targets that are not in the user database are
-    skipped (and logged); nothing left: ``550 5.1.1``.
+    skipped (and logged); nothing left: ``550 5.1.1``;
+  - while the users file has never loaded (:class:`~popgate.auth.users.UsersUnavailable`):
+    ``451 4.3.0``, never a permanent refusal.
 
 * :class:`Deliverer` turns an :class:`Envelope` into a :class:`Transaction`: one Maildir
   ``tmp/`` file per recipient *user* (a user reached through several addresses gets one
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import errno
 import functools
 import ipaddress
 import secrets
@@ -64,7 +67,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popgate.addresses import Mailbox
-from popgate.auth.users import User, UserDB
+from popgate.auth.users import User, UserDB, UsersUnavailable
+from popgate.loglimit import LogLimiter
 from popgate.store import maildir
 from popgate.store.maildir import IncomingMessage, MaildirStore
 
@@ -84,6 +88,27 @@ class Refusal:
 
 RELAY_DENIED = Refusal(554, "5.7.1", "relay access denied")
 UNKNOWN_USER = Refusal(550, "5.1.1", "no such user here")
+# The users file has never loaded (UserDB logs why): temporary, or senders would bounce.
+USERS_UNAVAILABLE = Refusal(451, "4.3.0", "user database temporarily unavailable")
+# RFC 5321 §4.2.2 452 "insufficient system storage"; RFC 3463 §3.4 X.3.1 "mail system full".
+STORAGE_FULL = Refusal(452, "4.3.1", "Error: insufficient system storage, try again later")
+CANNOT_STORE = Refusal(451, "4.3.0", "Error: cannot store the message now")
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_refusal(error: OSError, log_limiter: LogLimiter) -> Refusal:
+    """The temporary reply for mail that could not be stored, and one log line per cause.
+
+    A full disk or quota (ENOSPC, EDQUOT) is ``452 4.3.1``, any other storage error
+    ``451 4.3.0``.  These are expected faults: one line per cause (its errno) per
+    ``log_limiter`` interval, never a traceback, however many messages are refused.
+    Also used for POP3's storage errors (the reply is then not used).
+    """
+    refusal = STORAGE_FULL if error.errno in _FULL else CANNOT_STORE
+    if log_limiter.allow(("mail storage", error.errno)):
+        log.error("mail storage error: {error} (logged once per {interval:.0f} s while it "
+                  "lasts)", error=error, interval=log_limiter.interval)
+    return refusal
 
 
 @dataclass(frozen=True)
@@ -110,6 +135,12 @@ class Router:
         return domain in self._configured_domains or self._users.has_domain(domain)
 
     def resolve(self, mailbox: Mailbox) -> Resolution:
+        try:
+            return self._resolve(mailbox)
+        except UsersUnavailable:
+            return Resolution(refusal=USERS_UNAVAILABLE)
+
+    def _resolve(self, mailbox: Mailbox) -> Resolution:
         if mailbox.has_relay_hack or mailbox.is_literal or not self.is_local(mailbox.domain):
             return Resolution(refusal=RELAY_DENIED)
         local = mailbox.local.lower().partition("+")[0]  # RFC 5233 sub-address
@@ -125,10 +156,13 @@ class Router:
         """
         labels = self._hostname.split(".")
         resolution = Resolution(refusal=UNKNOWN_USER)
-        for start in range(max(len(labels) - 1, 1)):
-            resolution = self._lookup("postmaster", ".".join(labels[start:]))
-            if resolution.refusal is None:
-                break
+        try:
+            for start in range(max(len(labels) - 1, 1)):
+                resolution = self._lookup("postmaster", ".".join(labels[start:]))
+                if resolution.refusal is None:
+                    break
+        except UsersUnavailable:
+            return Resolution(refusal=USERS_UNAVAILABLE)
         return resolution
 
     def _lookup(self, local: str, domain: str) -> Resolution:
@@ -219,6 +253,9 @@ class GroupCommitter:
         for (messages, done), outcome in zip(group, outcomes, strict=True):
             for message in messages:
                 message.close()
+                if message.recovered:
+                    log.warn("{path} was removed by another program before delivery; "
+                             "written again from the open file", path=message.tmp_path)
             if outcome is None:
                 done.callback(None)
             else:
@@ -281,8 +318,9 @@ class SparePool:
     follows the number of messages that user receives at once; at most ``limit`` spares
     exist in all.  A spare unused for ``max_age`` seconds is removed (by the next thread
     call) rather than handed out: its name carries its creation time.  Spares left behind
-    by a crash are empty ``tmp/`` files, which
-    :meth:`~popgate.store.maildir.MaildirStore.clean_tmp` removes in time.  Reactor thread only.
+    by a crash are empty ``tmp/`` files named after their dead owner, which
+    :meth:`~popgate.store.maildir.MaildirStore.clean_tmp` removes at the next start or
+    periodic sweep.  Reactor thread only.
     """
 
     def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred],
@@ -446,7 +484,8 @@ class Transaction:
             message.flush()
 
     def _failed(self, error: OSError) -> None:
-        log.error("{id}: cannot write message: {error}", id=self.id, error=error)
+        # Not logged here: finish() fails with it, and the caller logs storage errors at
+        # a bounded rate (storage_refusal); a full disk must not log a line per message.
         self._error = error
         self.abort()
 

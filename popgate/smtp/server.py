@@ -46,7 +46,14 @@ from zope.interface import implementer
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import ChunkDecoder, DataDecoder
 from popgate.loglimit import LogLimiter
-from popgate.smtp.delivery import Deliverer, Envelope, Recipient, Refusal, Router
+from popgate.smtp.delivery import (
+    Deliverer,
+    Envelope,
+    Recipient,
+    Refusal,
+    Router,
+    storage_refusal,
+)
 from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
@@ -656,10 +663,9 @@ class SMTPServer(protocol.Protocol):
 
     def _transaction_not_opened(self, failure, failed) -> None:
         if failure.check(OSError):
-            self.log.error("cannot open a message for {rcpts}: {error}",
-                           rcpts=[r.address for r in self._recipients], error=failure.value)
-        else:
-            self.log.failure("cannot open a message", failure)
+            failed(storage_refusal(failure.value, self.factory.refusal_log))
+            return
+        self.log.failure("cannot open a message", failure)
         failed(Refusal(451, "4.3.0", "Error: cannot store the message now"))
 
     def smtp_DATA(self, argument: str) -> None:
@@ -770,9 +776,12 @@ class SMTPServer(protocol.Protocol):
                              Refusal(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
     def _not_delivered(self, failure, transaction) -> None:
-        self.log.failure("{id}: delivery failed", failure, id=transaction.id)
-        self._answer_message(transaction.envelope.recipients,
-                             Refusal(451, "4.3.0", "Error: cannot store the message now"))
+        if failure.check(OSError):
+            refusal = storage_refusal(failure.value, self.factory.refusal_log)
+        else:
+            self.log.failure("{id}: delivery failed", failure, id=transaction.id)
+            refusal = Refusal(451, "4.3.0", "Error: cannot store the message now")
+        self._answer_message(transaction.envelope.recipients, refusal)
 
     def _answer_message(self, recipients, answer: Refusal) -> None:
         """One reply (SMTP), or one per accepted recipient in order (LMTP, RFC 2033 §4.2)."""
