@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, configuration.ConfigError, UserError, AddressError) as e:
         print(f"popgate: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a full disk, a read-only or unreadable file: one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"popgate: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

@@ -189,7 +189,10 @@ def _log_swept(removed: int) -> None:
 
 
 def _sweep_failed(failure) -> None:
-    log.error("cannot sweep stale tmp/ files: {error}", error=failure.getErrorMessage())
+    if failure.check(OSError):  # a disk fault: one line, the next sweep tries again
+        log.error("cannot sweep stale tmp/ files: {error}", error=failure.getErrorMessage())
+    else:
+        log.failure("cannot sweep stale tmp/ files", failure)
 
 
 class ReloadService(Service):

@@ -50,7 +50,7 @@ from popgate.fileio import write_atomically
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 DEFAULT_SCHEME = "ARGON2ID"
-_VANISHED = (0, 0, -1)  # UserDB's file identity while a loaded users file is missing
+_VANISHED = (0, 0, 0, -1)  # UserDB's file identity while a loaded users file is missing
 _NO_USERS = "# no users"  # what UserFile writes rather than an empty file
 _BCRYPT_MAX = 72  # bcrypt ignores (bcrypt>=5: refuses) bytes past 72
 
@@ -177,7 +177,7 @@ class UserDB:
     binary, or without one valid user line) never replaces the users loaded before: they
     are kept, and one error line naming the file and the problem is logged, again every
     ``fault_log_interval`` seconds while it lasts (its identity is not remembered, so the
-    file is read again at the next check: a ``chmod`` that fixes it changes no mtime).
+    file is read again at the next check, whatever its ``stat`` says).
     If no file has loaded yet, lookups raise :class:`UsersUnavailable` instead: a
     permanent "no such user" would make senders bounce the mail.  A file that does not
     exist (yet) is no users, not a fault.
@@ -190,7 +190,7 @@ class UserDB:
         self._interval = interval
         self._fault_log_interval = fault_log_interval
         self._checked: float | None = None  # clock reading at the last stat
-        self._identity: tuple[int, int, int] | None = None
+        self._identity: tuple[int, int, int, int] | None = None
         self._loaded = False  # a file has loaded (or there was none) at least once
         self._fault: str | None = None  # why the file on disk is not used now
         self._fault_logged: float | None = None
@@ -254,7 +254,9 @@ class UserDB:
         except OSError as e:
             self._unusable(f"cannot be read: {e.strerror}", now)
             return True
-        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        # ctime too: a chmod that makes the file unreadable (or readable again) changes
+        # nothing else.
+        identity = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if identity == self._identity:
             return True
         try:
@@ -443,9 +445,10 @@ class PasswordChecker:
         self._dummy: str | None = None
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
+        # UsersUnavailable (the users file never loaded) fails the Deferred, not the call.
         if IUsernamePassword.providedBy(credentials):
-            return self._check_password(credentials)
-        return self._check_apop(credentials)
+            return defer.maybeDeferred(self._check_password, credentials)
+        return defer.maybeDeferred(self._check_apop, credentials)
 
     def _lookup(self, username: bytes | str) -> User | None:
         if isinstance(username, bytes):

@@ -94,7 +94,8 @@ _CRLF_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|\Z)")
 _ORDER = re.compile(r"(\d+)\.M(\d+)P\d+Q(\d+)")
 _READ_BLOCK = 1 << 20
 WRITE_BUFFER = 64 * 1024  # message bytes buffered before a write to the tmp/ file
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+# Read and write: a message whose tmp/ file vanished is read back from its descriptor.
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
 _pid = os.getpid()  # for message names: os.getpid() is a system call on each use
@@ -347,7 +348,7 @@ class MaildirStore:
         _makedirs_private(owners)
         owner = secrets.token_hex(8)
         path = os.path.join(owners, owner)
-        fd = os.open(path + ".new", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        fd = os.open(path + ".new", _CREATE_FLAGS, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.write(fd, f"{self._host} {_pid}\n".encode("utf-8", "replace"))
