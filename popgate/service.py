@@ -138,11 +138,13 @@ class ReadyService(Service):
 class StorageService(Service):
     """Create the data directory (0700), mark this process's ``tmp/`` files as its own
     (:meth:`~popgate.store.maildir.MaildirStore.claim_owner`, after twistd's fork) and
-    clear stale ``tmp/`` files at start."""
+    clear stale ``tmp/`` files at start; load the users file, so that a file that breaks
+    later is replaced by these users, not by nothing (see UserDB)."""
 
-    def __init__(self, config: Config, store: MaildirStore):
+    def __init__(self, config: Config, store: MaildirStore, users: UserDB):
         self.config = config
         self.store = store
+        self.users = users
 
     def startService(self) -> None:
         super().startService()
@@ -150,6 +152,7 @@ class StorageService(Service):
         os.makedirs(self.config.mail_root, mode=0o700, exist_ok=True)
         self.store.claim_owner()
         _log_swept(self.store.clean_tmp())
+        self.users.users()
 
 
 TMP_SWEEP_INTERVAL = 300.0  # seconds between sweeps of stale tmp/ files while running
@@ -235,7 +238,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
     trusted = parse_networks(config.limits.trusted_networks)
 
     top = MultiService()
-    StorageService(config, store).setServiceParent(top)
+    StorageService(config, store, users).setServiceParent(top)
     TmpSweepService(reactor, store, run_in_thread).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
