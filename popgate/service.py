@@ -150,7 +150,11 @@ class StorageService(Service):
         super().startService()
         os.makedirs(self.config.server.data_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.mail_root, mode=0o700, exist_ok=True)
-        self.store.claim_owner()
+        try:
+            self.store.claim_owner()
+        except OSError as e:  # e.g. no inode left: start anyway, and say what it costs
+            log.error("cannot mark this process's tmp/ files as its own ({error}); those "
+                      "it leaves behind will be removed after 36 hours", error=e)
         _log_swept(self.store.clean_tmp())
         self.users.users()
 

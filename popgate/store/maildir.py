@@ -351,7 +351,8 @@ class MaildirStore:
         fd = os.open(path + ".new", _CREATE_FLAGS, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.write(fd, f"{self._host} {_pid}\n".encode("utf-8", "replace"))
+            with contextlib.suppress(OSError):  # for operators only: not on a full disk
+                os.write(fd, f"{self._host} {_pid}\n".encode("utf-8", "replace"))
             os.rename(path + ".new", path)  # only now visible, and locked
             fsync_directory(owners)
         except BaseException:
