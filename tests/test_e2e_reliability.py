@@ -13,6 +13,8 @@ on one data directory, with Python's smtplib and poplib as clients.
 * Users file: emptied, garbage or replaced by a directory while the server runs, the
   last users are kept; one that never loaded gives ``451 4.3.0`` and ``-ERR [SYS/TEMP]``.
   One line in the log, never a traceback.
+* Shared address: a client failing with an old password does not slow a colleague's
+  login from the same address.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import signal
 import smtplib
 import subprocess
 import threading
+import time
 
 from twisted.internet import defer, reactor, threads
 from twisted.internet.task import deferLater
@@ -386,3 +389,36 @@ class UsersFileFaultTests(TestCase):
 
     def test_directory_at_start(self):
         return self.check_never_loaded(os.mkdir, "cannot be read: Is a directory")
+
+
+class SharedAddressTests(TestCase):
+    """Issue 12, item 8: behind one NAT, a client stuck on a wrong password does not
+    slow a colleague's login, while its own answers stay slow."""
+
+    timeout = 60
+
+    def attempt(self, port: int, user: str, password: str) -> tuple[bytes, float]:
+        client = poplib.POP3("127.0.0.1", port, timeout=TIMEOUT)
+        try:
+            client.user(user)
+            started = time.monotonic()
+            try:
+                reply = client.pass_(password)
+            except poplib.error_proto as e:
+                reply = e.args[0]
+            return reply, time.monotonic() - started
+        finally:
+            client.close()
+
+    @defer.inlineCallbacks
+    def test_a_stuck_phone_does_not_slow_its_colleagues(self):
+        server = yield start_twistd(self, users=USERS)
+        port = server.port("POP3")
+        for _ in range(2):
+            reply, took = yield threads.deferToThread(
+                self.attempt, port, "alice@example.org", "old-password")
+            self.assertTrue(reply.startswith(b"-ERR [AUTH]"), reply)
+            self.assertGreaterEqual(took, 1.9, "a wrong password is answered slowly")
+        reply, took = yield threads.deferToThread(self.attempt, port, "bob@example.org", "pw")
+        self.assertTrue(reply.startswith(b"+OK"), reply)
+        self.assertLess(took, 1.0, "the colleague waits for nobody's penalty")
