@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AdminError, configuration.ConfigError, UserError, AddressError) as e:
         print(f"popgate: {e}", file=sys.stderr)
         return 1
-    except OSError as e:  # a file the command had to write or read
-        print(f"popgate: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+    except OSError as e:  # a full disk, a read-only or unreadable file: one line
+        where = f": {e.filename}" if e.filename else ""
+        print(f"popgate: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     except EOFError:  # Ctrl-D at a prompt
         print("popgate: no answer (end of input); nothing changed", file=sys.stderr)

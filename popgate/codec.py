@@ -6,7 +6,8 @@
   storage (``normalize``) or a reason to refuse the message (the caller decides, from
   :attr:`DataDecoder.bare_newline`).
 * :class:`ChunkDecoder` does the same line-end conversion for ``BDAT`` chunks (RFC 3030),
-  which are counted, not dot-stuffed.
+  which are counted, not dot-stuffed, and ends the message with a line end if the
+  client did not.
 * :class:`DotEncoder` turns stored bytes into a POP3 multi-line body (RFC 1939 §3): every
   line end is sent as CRLF and every line that starts with ``.`` gets one more.
 
@@ -83,10 +84,19 @@ class DataDecoder:
 
 
 class ChunkDecoder:
-    """CRLF -> LF for BDAT chunks; bare CR / LF are flagged and stored as LF."""
+    """CRLF -> LF for BDAT chunks; bare CR / LF are flagged and stored as LF.
+
+    A message whose last chunk does not end with a line end gets one (an LF, stored; a
+    CRLF, sent): RFC 5322 §2.1 / RFC 5321 §4.1.1.4 messages are lines, DATA cannot even
+    transfer anything else, and a POP3 server must end the message with CRLF before its
+    ``.`` terminator anyway (RFC 1939 §3).  Done here, where the message is decoded,
+    it is counted like every other octet: the stored size, ``W=``, STAT, LIST,
+    ``+OK n octets`` and RETR then all agree, with no special case downstream.
+    """
 
     def __init__(self) -> None:
         self._cr = b""
+        self._line_start = True  # the message so far is empty or ends with a line end
         self.bare_newline = False
 
     def feed(self, data: bytes, last: bool = False) -> bytes:
@@ -94,7 +104,13 @@ class ChunkDecoder:
         self._cr = b""
         if buffer.endswith(b"\r") and not last:
             buffer, self._cr = buffer[:-1], b"\r"
-        return _to_lf(buffer, self)
+        text = _to_lf(buffer, self)
+        if text:
+            self._line_start = text.endswith(b"\n")
+        if last and not self._line_start:
+            text += b"\n"
+            self._line_start = True
+        return text
 
 
 class DotEncoder:

@@ -1,10 +1,21 @@
 """Rate limits for log lines: one line per distinct cause per interval, never a flood.
 
+:func:`log_storage_error` is the one line for a mail-storage fault (a full disk, a
+quota, an I/O error), shared by every protocol: an expected fault, logged once per cause
+(its errno) per interval, never with a traceback.
+
 Reactor thread only; time from an injected ``IReactorTime``; memory bounded (the table
 is cleared past 10,000 keys).
 """
 
 from __future__ import annotations
+
+import errno
+
+from twisted.logger import Logger
+
+_log = Logger()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class LogLimiter:
@@ -24,3 +35,11 @@ class LogLimiter:
             self._last.clear()
         self._last[key] = now
         return True
+
+
+def log_storage_error(error: OSError, limiter: LogLimiter) -> bool:
+    """Log ``error`` (once per errno per interval); True if the disk or quota is full."""
+    if limiter.allow(("mail storage", error.errno)):
+        _log.error("mail storage error: {error} (logged once per {interval:.0f} s while it "
+                   "lasts)", error=error, interval=limiter.interval)
+    return error.errno in DISK_FULL

@@ -18,7 +18,7 @@ from functools import partial
 
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
-from twisted.internet import threads
+from twisted.internet import task, threads
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -184,19 +184,70 @@ class StartupChecks(Service):
 
 
 class StorageService(Service):
-    """Create the data directory (0700) and clear stale ``tmp/`` files at start."""
+    """Create the data directory (0700), mark this process's ``tmp/`` files as its own
+    (:meth:`~popgate.store.maildir.MaildirStore.claim_owner`, after twistd's fork) and
+    clear stale ``tmp/`` files at start; load the users file, so that a file that breaks
+    later is replaced by these users, not by nothing (see UserDB)."""
 
-    def __init__(self, config: Config, store: MaildirStore):
+    def __init__(self, config: Config, store: MaildirStore, users: UserDB):
         self.config = config
         self.store = store
+        self.users = users
 
     def startService(self) -> None:
         super().startService()
         os.makedirs(self.config.server.data_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.config.mail_root, mode=0o700, exist_ok=True)
-        removed = self.store.clean_tmp()
-        if removed:
-            log.info("removed {n} stale tmp/ files", n=removed)
+        try:
+            self.store.claim_owner()
+        except OSError as e:  # e.g. no inode left: start anyway, and say what it costs
+            log.error("cannot mark this process's tmp/ files as its own ({error}); those "
+                      "it leaves behind will be removed after 36 hours", error=e)
+        _log_swept(self.store.clean_tmp())
+        self.users.users()
+
+
+TMP_SWEEP_INTERVAL = 300.0  # seconds between sweeps of stale tmp/ files while running
+
+
+class TmpSweepService(Service):
+    """Every few minutes, remove stale ``tmp/`` files (those of popgate processes that
+    died, and foreign ones after 36 hours) in a thread, so that a server that keeps
+    running does not wait for its next start to clean up after another node's crash."""
+
+    def __init__(self, clock, store: MaildirStore, run_in_thread,
+                 interval: float = TMP_SWEEP_INTERVAL):
+        self._store = store
+        self._run_in_thread = run_in_thread
+        self._loop = task.LoopingCall(self._sweep)
+        self._loop.clock = clock
+        self._interval = interval
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop.start(self._interval, now=False)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop.running:
+            self._loop.stop()
+
+    def _sweep(self):
+        # The loop waits for this Deferred: sweeps never overlap.
+        d = self._run_in_thread(self._store.clean_tmp)
+        return d.addCallbacks(_log_swept, _sweep_failed)
+
+
+def _log_swept(removed: int) -> None:
+    if removed:
+        log.info("removed {n} stale tmp/ files", n=removed)
+
+
+def _sweep_failed(failure) -> None:
+    if failure.check(OSError):  # a disk fault: one line, the next sweep tries again
+        log.error("cannot sweep stale tmp/ files: {error}", error=failure.getErrorMessage())
+    else:
+        log.failure("cannot sweep stale tmp/ files", failure)
 
 
 class DrainService(Service):
@@ -271,7 +322,8 @@ def makeService(config: Config, reactor=None) -> MultiService:
 
     top = MultiService()
     StartupChecks(config, users).setServiceParent(top)
-    StorageService(config, store).setServiceParent(top)
+    StorageService(config, store, users).setServiceParent(top)
+    TmpSweepService(reactor, store, run_in_thread).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
     ReloadService(reactor, tls, users).setServiceParent(top)

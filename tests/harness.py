@@ -96,6 +96,17 @@ def write_private(path: str, text: str) -> str:
     return path
 
 
+def without_trace_headers(stored: bytes) -> bytes:
+    """The message as the client sent it: drop Return-Path, Delivered-To and Received."""
+    lines = stored.split(b"\n")
+    assert lines[0].startswith(b"Return-Path: ") and lines[1].startswith(b"Delivered-To: ")
+    assert lines[2].startswith(b"Received: ")
+    index = 3
+    while lines[index].startswith(b"\t"):
+        index += 1
+    return b"\n".join(lines[index:])
+
+
 def read_reply(stream) -> bytes:
     """One complete (possibly multi-line) SMTP reply from a socket's file."""
     reply = b""

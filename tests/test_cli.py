@@ -1,6 +1,7 @@
 """The popgate admin command, as an administrator types it."""
 
 import argparse
+import errno
 import grp
 import io
 import os
@@ -14,6 +15,7 @@ from cryptography import x509
 from twisted.trial.unittest import SkipTest, TestCase
 
 from popgate import cli, config
+from popgate.auth import users
 from popgate.auth.users import UserDB, verify_password
 from tests.certs import make_test_pki
 from tests.harness import child_env, read
@@ -82,6 +84,18 @@ class CLITests(TestCase):
         self.assertEqual((code, err), (1, "popgate: user a@example.org already exists\n"))
         code, _, err = self.run_cli("user", "del", "zed@example.org")
         self.assertEqual((code, err), (1, "popgate: no such user zed@example.org\n"))
+
+    def test_full_disk_is_one_line(self):
+        def full(path, data, mode=0o600, like=None):
+            raise OSError(errno.ENOSPC, "No space left on device", path + ".tmp-x")
+
+        self.patch(users, "write_atomically", full)
+        code, out, err = self.run_cli("user", "add", "alice@example.org",
+                                      "--password-stdin", "--scheme", "PLAIN", stdin="pw\n")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.splitlines()[-1],
+                         f"popgate: No space left on device: {self.users_file}.tmp-x")
+        self.assertNotIn("Traceback", err)
 
     def test_empty_password_refused(self):
         code, _, err = self.run_cli("user", "add", "a@example.org", "--password-stdin",

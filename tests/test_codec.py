@@ -188,6 +188,19 @@ class DataDecoderTests(unittest.TestCase):
 
 
 class ChunkDecoderTests(unittest.TestCase):
+    def test_message_without_final_line_end_gets_one(self):
+        """Issue 12: ``BDAT 5 LAST`` + ``hello`` is stored as a line, so that the size
+        promised by LIST and ``+OK n octets`` is what RETR sends."""
+        decoder = ChunkDecoder()
+        self.assertEqual(decoder.feed(b"hello", last=True), b"hello\n")
+        self.assertFalse(decoder.bare_newline)
+        decoder = ChunkDecoder()
+        self.assertEqual(decoder.feed(b"a\r\nhello") + decoder.feed(b"", last=True),
+                         b"a\nhello\n")
+        decoder = ChunkDecoder()
+        self.assertEqual(decoder.feed(b"a\r\n") + decoder.feed(b"", last=True), b"a\n")
+        self.assertEqual(ChunkDecoder().feed(b"", last=True), b"")
+
     def test_crlf(self):
         decoder = ChunkDecoder()
         self.assertEqual(decoder.feed(b"a\r\nb\r\n", last=True), b"a\nb\n")
@@ -206,7 +219,7 @@ class ChunkDecoderTests(unittest.TestCase):
 
     def test_bare_cr_at_chunk_end(self):
         decoder = ChunkDecoder()
-        self.assertEqual(decoder.feed(b"a\r") + decoder.feed(b"b", last=True), b"a\nb")
+        self.assertEqual(decoder.feed(b"a\r") + decoder.feed(b"b", last=True), b"a\nb\n")
         self.assertTrue(decoder.bare_newline)
 
     def test_cr_at_end_of_last_chunk(self):

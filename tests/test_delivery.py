@@ -7,16 +7,19 @@ at once or hand back Deferreds the test fires itself.
 from __future__ import annotations
 
 import email
+import errno
 import glob
 import os
 
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.trial.unittest import TestCase
 
 from popgate import config
 from popgate.addresses import parse_path
 from popgate.auth.users import UserDB, UserFile, hash_password
+from popgate.loglimit import LogLimiter
 from popgate.smtp import delivery
 from popgate.smtp.delivery import (
     Arrival,
@@ -27,8 +30,9 @@ from popgate.smtp.delivery import (
     commit_group,
     fold,
     received_header,
+    storage_refusal,
 )
-from popgate.smtp.reply import RELAY_DENIED, UNKNOWN_USER
+from popgate.smtp.reply import RELAY_DENIED, UNKNOWN_USER, USERS_UNAVAILABLE
 from popgate.store import maildir
 from popgate.store.maildir import MaildirStore
 from tests.fakes import Deferring, synchronous
@@ -560,3 +564,73 @@ class SpareTests(UsersFixture, TestCase):
         self.assertEqual(self.tmp(), [])
         self.assertEqual(len(self.store.maildir(self.users.get("alice@example.org")).scan()),
                          3)
+
+
+class FaultTests(UsersFixture, TestCase):
+    """Issue 12: storage faults and an unusable users file get temporary replies, and
+    a line in the log at a bounded rate, never a traceback."""
+
+    def test_users_file_never_loaded_is_a_temporary_refusal(self):
+        with open(self.users_file, "wb") as f:
+            f.write(b"")
+        router = Router(self.make_config(), UserDB(self.users_file))
+        for resolution in (router.resolve(parse_path("<alice@example.org>")),
+                           router.resolve_postmaster()):
+            self.assertEqual(resolution.refusal, USERS_UNAVAILABLE)
+            self.assertEqual(resolution.refusal.code // 100, 4)
+
+    def test_storage_refusal_codes_and_one_line_per_cause(self):
+        clock = Clock()
+        limiter = LogLimiter(clock, interval=60)
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with capturedLogs() as events:
+            replies = [storage_refusal(full, limiter) for _ in range(100)]
+            replies.append(storage_refusal(OSError(errno.EDQUOT, "Disk quota exceeded"),
+                                           limiter))
+            other = storage_refusal(OSError(errno.EIO, "Input/output error"), limiter)
+            clock.advance(60)
+            storage_refusal(full, limiter)
+        self.assertEqual({(r.code, r.enhanced) for r in replies}, {(452, "4.3.1")})
+        self.assertEqual((other.code, other.enhanced), (451, "4.3.0"))
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 4, lines)
+        self.assertIn("No space left on device", lines[0])
+        self.assertFalse(any(e.get("log_failure") for e in events))
+
+    def test_a_write_error_is_not_logged_per_message(self):
+        store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
+        deliverer = Deliverer(store, synchronous, hostname="mx.example.net", spares=0)
+        user = self.users.get("alice@example.org")
+        arrival = Arrival("s@remote.example", (Recipient("alice@example.org", (user,)),),
+                          "client.example", "192.0.2.1", "ESMTP")
+        transaction = self.successResultOf(deliverer.begin(arrival))
+        [(_, message)] = transaction._copies
+        self.patch(message, "write", _disk_full)
+        with capturedLogs() as events:
+            transaction.write(b"x\n")
+            self.failureResultOf(transaction.finish(), OSError)
+        self.assertEqual(events, [])
+        self.assertFalse(os.path.exists(message.tmp_path))
+
+    def test_vanished_tmp_file_is_written_again(self):
+        """A clean-up script removed the tmp/ file before the rename: the message is
+        still delivered, whole, from the open file, with one warning."""
+        store = MaildirStore(os.path.join(self.data_dir, "mail"), "mx.example.net")
+        maildir_ = store.maildir(self.users.get("alice@example.org"))
+        message = store.new_message(maildir_)
+        body = b"Subject: x\n\n" + b"y" * (3 * (1 << 20)) + b"\n"
+        message.write(body)
+        message.flush()
+        os.unlink(message.tmp_path)
+        with capturedLogs() as events:
+            self.successResultOf(GroupCommitter(synchronous).commit([message]))
+        [info] = maildir_.scan()
+        with open(info.path, "rb") as f:
+            self.assertEqual(f.read(), body)
+        self.assertEqual(os.listdir(os.path.join(maildir_.path, "tmp")), [])
+        [line] = [formatEvent(e) for e in events]
+        self.assertIn("was removed by another program before delivery; written again", line)
+
+
+def _disk_full(data):
+    raise OSError(errno.ENOSPC, "No space left on device")

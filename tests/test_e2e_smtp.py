@@ -21,7 +21,7 @@ from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.certs import make_test_pki
-from tests.harness import read_reply, run_client, start_twistd
+from tests.harness import read_reply, run_client, start_twistd, without_trace_headers
 
 USERS = [("alice@example.org", "pw"), ("bob@example.org", "pw")]
 TIMEOUT = 60
@@ -33,18 +33,6 @@ def stored_messages(server, user: str) -> list[bytes]:
         with open(path, "rb") as f:
             contents.append(f.read())
     return contents
-
-
-def without_trace_headers(stored: bytes) -> bytes:
-    """The message as the client sent it: drop Return-Path, Delivered-To and Received."""
-    lines = stored.split(b"\n")
-    assert lines[0].startswith(b"Return-Path: ") and lines[1].startswith(b"Delivered-To: ")
-    assert lines[2].startswith(b"Received: ")
-    index = 3
-    while lines[index].startswith(b"\t"):
-        index += 1
-    return b"\n".join(lines[index:])
-
 
 
 class SMTPClientsTests(TestCase):

@@ -5,7 +5,7 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
+from popgate.auth.penalty import FREE_FAILURES, FREE_NAMES, AuthPenalty, ChecksPerAddress
 from popgate.limits import ConnectionLimiter, in_networks, is_loopback, parse_networks
 from popgate.loglimit import LogLimiter
 
@@ -120,82 +120,122 @@ class NetworkTests(unittest.TestCase):
         self.assertTrue(is_loopback(""))
 
 
+ALICE = b"alice@example.org"
+
+
 class AuthPenaltyTests(unittest.TestCase):
     def setUp(self):
         self.clock = Clock()
         self.clock.advance(1_700_000_000)  # a realistic, non-zero time
         self.penalty = AuthPenalty(self.clock, base=2.0, maximum=15.0, window=600.0)
 
-    def failure(self, password=b"guess", host="192.0.2.1", username=b"alice@example.org"):
+    def failure(self, password=b"guess", host="192.0.2.1", username=ALICE):
         self.penalty.failed(host, username, password)
 
+    def delay(self, username=ALICE, host="192.0.2.1"):
+        return self.penalty.delay(host, username)
+
     def test_growing_delays_capped(self):
-        delays = [self.penalty.delay("192.0.2.1")]
+        delays = [self.delay()]
         for n in range(6):
             self.failure(b"guess%d" % n)
-            delays.append(self.penalty.delay("192.0.2.1"))
+            delays.append(self.delay())
         self.assertEqual(delays, [0, 2, 4, 8, 15, 15, 15])
 
     def test_same_wrong_password_counts_once(self):
         for _ in range(10):
             self.failure(b"stale-password")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.assertEqual(self.delay(), 2)
         self.failure(b"another")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+        self.assertEqual(self.delay(), 4)
 
-    def test_same_password_other_user_counts(self):
-        self.failure(b"pw", username=b"alice@example.org")
-        self.failure(b"pw", username=b"bob@example.org")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+    def test_user_name_compared_as_stored(self):
+        self.failure(b"1", username=b" Alice@Example.ORG")
+        self.assertEqual(self.delay("alice@example.org"), 2)
 
     def test_username_password_boundary(self):
-        # ("ab", "c") and ("a", "bc") are different attempts.
+        # ("ab", "c") and ("a", "bc") are different attempts (and names).
         self.failure(b"c", username=b"ab")
         self.failure(b"bc", username=b"a")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+        self.assertEqual((self.delay(b"ab"), self.delay(b"a")), (2, 2))
 
     def test_per_ip(self):
         self.failure(b"1")
         self.failure(b"2")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
-        self.assertEqual(self.penalty.delay("192.0.2.2"), 0)
+        self.assertEqual(self.delay(), 4)
+        self.assertEqual(self.delay(host="192.0.2.2"), 0)
 
-    def test_success_resets(self):
+    def test_a_stuck_client_does_not_slow_its_colleagues(self):
+        """Issue 12: behind one NAT, a phone with an old password (and even a user who
+        keeps mistyping) leave the others' logins prompt."""
+        for _ in range(50):
+            self.failure(b"old-password")
+        for n in range(10):
+            self.failure(b"typo%d" % n, username=b"bob@example.org")
+        self.assertEqual(self.delay(), 2)
+        self.assertEqual(self.delay(b"bob@example.org"), 15)
+        self.assertEqual(self.delay(b"carol@example.org"), 0)
+
+    def test_a_guesser_rotating_names_slows_the_whole_address(self):
+        delays = []
+        for n in range(FREE_NAMES + 5):
+            self.failure(b"123456", username=b"user%d@example.org" % n)
+            delays.append(self.delay(b"someone-new@example.org"))
+        self.assertEqual(delays, [0] * FREE_NAMES + [2, 4, 8, 15, 15])
+        self.assertEqual(self.delay(host="192.0.2.2"), 0)
+
+    def test_many_guesses_on_few_names_slow_the_whole_address(self):
+        for n in range(FREE_FAILURES):
+            self.failure(b"guess%d" % n, username=b"user%d@example.org" % (n % 2))
+        self.assertEqual(self.delay(b"carol@example.org"), 0)
+        self.failure(b"one more")
+        self.assertEqual(self.delay(b"carol@example.org"), 2)
+
+    def test_success_resets_only_that_user(self):
         self.failure(b"1")
         self.failure(b"2")
-        self.penalty.succeeded("192.0.2.1")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 0)
+        self.failure(b"1", username=b"bob@example.org")
+        self.penalty.succeeded("192.0.2.1", "bob@example.org")
+        self.assertEqual(self.delay(), 4)
+        self.penalty.succeeded("192.0.2.1", "alice@example.org")
+        self.assertEqual(self.delay(), 0)
         self.failure(b"1")  # counted again after a reset
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.assertEqual(self.delay(), 2)
+
+    def test_a_guesser_cannot_clear_the_address_with_an_account_of_its_own(self):
+        for n in range(FREE_NAMES + 2):
+            self.failure(b"123456", username=b"user%d@example.org" % n)
+        self.penalty.succeeded("192.0.2.1", "mallory@example.org")
+        self.assertEqual(self.delay(b"mallory@example.org"), 4)
 
     def test_success_elsewhere_does_not_reset(self):
         self.failure(b"1")
-        self.penalty.succeeded("192.0.2.2")
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.penalty.succeeded("192.0.2.2", "alice@example.org")
+        self.assertEqual(self.delay(), 2)
 
     def test_window_expiry(self):
         self.failure(b"1")
         self.failure(b"2")
         self.clock.advance(600)
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)  # still inside the window
+        self.assertEqual(self.delay(), 4)  # still inside the window
         self.clock.advance(1)
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 0)
+        self.assertEqual(self.delay(), 0)
         self.failure(b"1")  # the old attempts are forgotten too
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.assertEqual(self.delay(), 2)
 
     def test_window_counts_from_last_failure(self):
         self.failure(b"1")
         self.clock.advance(500)
         self.failure(b"2")
         self.clock.advance(500)
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 4)
+        self.assertEqual(self.delay(), 4)
 
     def test_repeat_keeps_window_open(self):
         self.failure(b"same")
         self.clock.advance(500)
         self.failure(b"same")
         self.clock.advance(500)
-        self.assertEqual(self.penalty.delay("192.0.2.1"), 2)
+        self.assertEqual(self.delay(), 2)
 
     def test_memory_bounded_under_spray(self):
         for n in range(10_050):
@@ -203,6 +243,7 @@ class AuthPenaltyTests(unittest.TestCase):
         self.clock.advance(601)
         self.penalty.failed("192.0.2.1", b"u", b"p")
         self.assertLessEqual(len(self.penalty._failures), 1)
+        self.assertLessEqual(len(self.penalty._addresses), 1)
 
 
 class LogLimiterTests(unittest.TestCase):
@@ -262,17 +303,20 @@ class PenaltyKeyTests(unittest.TestCase):
         clock = Clock()
         penalty = AuthPenalty(clock, base=2, maximum=15, window=300)
         penalty.failed("2001:db8:1:2::1", b"u", b"a")
-        self.assertEqual(penalty.delay("2001:db8:1:2:ffff::9"), 2)
-        self.assertEqual(penalty.delay("2001:db8:1:3::1"), 0)
+        self.assertEqual(penalty.delay("2001:db8:1:2:ffff::9", b"u"), 2)
+        self.assertEqual(penalty.delay("2001:db8:1:3::1", b"u"), 0)
         penalty.failed("::ffff:192.0.2.7", b"u", b"a")
-        self.assertEqual(penalty.delay("192.0.2.7"), 2)
+        self.assertEqual(penalty.delay("192.0.2.7", b"u"), 2)
 
-    def test_memory_per_address_is_bounded_but_counting_goes_on(self):
+    def test_memory_is_bounded_but_counting_goes_on(self):
         clock = Clock()
         penalty = AuthPenalty(clock, base=2, maximum=15, window=300)
         for n in range(1000):
-            penalty.failed("192.0.2.1", b"u", b"guess-%d" % n)
-        failures = penalty._failures["192.0.2.1"]
-        self.assertEqual(failures.count, 1000)
+            penalty.failed("192.0.2.1", b"u%d" % (n % 100), b"guess-%d" % n)
+        failures = penalty._failures["192.0.2.1", "u1"]
+        self.assertEqual(failures.count, 10)
         self.assertLessEqual(len(failures.secrets), 32)
-        self.assertEqual(penalty.delay("192.0.2.1"), 15)
+        at_address = penalty._addresses["192.0.2.1"]
+        self.assertEqual(at_address.count, 1000)
+        self.assertLessEqual(len(at_address.names), 64)
+        self.assertEqual(penalty.delay("192.0.2.1", b"anyone"), 15)

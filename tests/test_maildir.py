@@ -40,8 +40,8 @@ def sent_octets(content: bytes) -> int:
     encoder = DotEncoder()
     body = encoder.encode(content)
     tail = encoder.finish()
-    if tail.endswith(b"\r\n.\r\n"):  # a CRLF added to end the last line: not message
-        body += tail[:-5]
+    if tail.endswith(b"\r\n.\r\n"):  # a CRLF added to end the last line: the client
+        body += tail[:-3]              # cannot tell it from the message's own (issue 12)
     else:
         assert tail == b".\r\n", tail
     # Undo the dot-stuffing, which LIST does not count (RFC 1939 §11 sizes).
@@ -310,10 +310,10 @@ class ForeignFileTests(StoreTestCase):
         self.check(b"a\r\nb\nc\r\n", 9)
 
     def test_lone_cr(self):
-        self.check(b"a\rb\r", 4)
+        self.check(b"a\rb\r", 6)  # + the CRLF RETR adds
 
     def test_cr_before_crlf(self):
-        self.check(b"a\r\r\nb", 5)
+        self.check(b"a\r\r\nb", 7)
 
     def test_size_field_without_w(self):
         name = "1700000000.M1P2.host,S=4"
@@ -715,3 +715,95 @@ class MessageInfoTests(unittest.TestCase):
         info = MessageInfo("p", "u", 1, False)
         self.assertRaises(AttributeError, setattr, info, "octets", 2)
         self.assertTrue(re.match(r"MessageInfo\(", repr(info)))
+
+
+class OwnedTmpTests(StoreTestCase):
+    """Issue 12: popgate's own tmp/ files name a locked owner; the files of owners that
+    died go at the next sweep, a live owner's are never touched, whatever the host."""
+
+    def node(self, host="mx.example.org") -> MaildirStore:
+        """Another popgate process sharing the mail root (flock locks belong to an open
+        file, so two stores in one process exclude each other like two processes)."""
+        store = MaildirStore(self.root, host)
+        store.claim_owner()
+        self.addCleanup(self.crash, store)
+        return store
+
+    def crash(self, store: MaildirStore) -> None:
+        """What kill -9 does to a store: its lock is dropped, its files stay."""
+        if store._owner_fd is not None:
+            os.close(store._owner_fd)
+            store._owner_fd = None
+
+    def spare(self, store: MaildirStore, data: bytes = b"") -> str:
+        message = store.new_message(store.maildir(ALICE))
+        message.write(data)
+        message.flush()
+        return message.tmp_path
+
+    def test_names_say_whose_they_are(self):
+        store = self.node()
+        name = os.path.basename(self.spare(store))
+        self.assertRegex(name, rf"^\d+\.M\d+P{os.getpid()}Q\d+R[0-9a-f]{{16}}"
+                               rf"\.mx\.example\.org,O={store.owner}$")
+        with open(os.path.join(self.root, ".popgate-owners", store.owner)) as f:
+            self.assertEqual(f.read(), f"mx.example.org {os.getpid()}\n")
+
+    def test_live_owners_files_are_kept_on_any_host(self):
+        mine, same_host, other_host = self.node(), self.node(), self.node("mx2.example.org")
+        paths = [self.spare(store) for store in (mine, same_host, other_host)]
+        self.assertEqual(mine.clean_tmp(), 0)
+        self.assertEqual(same_host.clean_tmp(), 0)
+        for path in paths:
+            self.assertTrue(os.path.exists(path), path)
+
+    def test_dead_owners_files_and_lock_are_removed(self):
+        survivor, crashed = self.node(), self.node("mx2.example.org")
+        kept = self.spare(survivor)
+        gone = [self.spare(crashed), self.spare(crashed, b"partial message\n")]
+        self.crash(crashed)
+        self.assertEqual(survivor.clean_tmp(), 2)
+        self.assertTrue(os.path.exists(kept))
+        for path in gone:
+            self.assertFalse(os.path.exists(path), path)
+        self.assertEqual(os.listdir(os.path.join(self.root, ".popgate-owners")),
+                         [survivor.owner])
+
+    def test_the_previous_incarnation_of_this_process_is_dead(self):
+        """kill -9 and restart with the same pid (containers): a new owner, the old
+        files go."""
+        before = self.node()
+        stale = self.spare(before)
+        self.crash(before)
+        after = self.node()
+        self.assertEqual(after.clean_tmp(), 1)
+        self.assertFalse(os.path.exists(stale))
+
+    def test_files_of_an_owner_whose_lock_file_is_gone(self):
+        crashed = self.node()
+        path = self.spare(crashed)
+        self.crash(crashed)
+        os.unlink(os.path.join(self.root, ".popgate-owners", crashed.owner))
+        self.assertEqual(self.node().clean_tmp(), 1)
+        self.assertFalse(os.path.exists(path))
+
+    def test_an_interrupted_claim_is_removed_after_a_minute(self):
+        owners = os.path.join(self.root, ".popgate-owners")
+        os.makedirs(owners)
+        leftover = os.path.join(owners, "0123456789abcdef.new")
+        with open(leftover, "w"):
+            pass
+        self.assertEqual(self.store.clean_tmp(), 0)
+        self.assertTrue(os.path.exists(leftover), "may be a claim in progress")
+        self.store.clean_tmp(now=time.time() + 61)
+        self.assertFalse(os.path.exists(leftover))
+
+    def test_foreign_and_unowned_files_keep_the_36_hour_rule(self):
+        self.node()
+        foreign = os.path.join(self.maildir.path, "tmp", "1700000000.12345.other-mta")
+        unowned = self.spare(self.store)  # a store that never claimed: no O= field
+        for path in (foreign, unowned):
+            with open(path, "ab"):
+                pass
+        self.assertEqual(self.node().clean_tmp(), 0)
+        self.assertEqual(self.store.clean_tmp(now=time.time() + STALE_TMP_AGE + 1), 2)

@@ -21,6 +21,7 @@ from popgate.auth.users import (
     UserDB,
     UserError,
     UserFile,
+    UsersUnavailable,
     hash_password,
     parse_line,
     split_scheme,
@@ -630,3 +631,106 @@ class APOPTests(unittest.TestCase):
         """MD5(timestamp) alone is public: an account with no password must not open."""
         d = self.checker.requestAvatarId(self.apop("empty@example.org", b""))
         self.failureResultOf(d, error.UnauthorizedLogin)
+
+
+class UsersFileFaultTests(unittest.TestCase):
+    """Issue 12: a users file that cannot serve never makes every recipient unknown."""
+
+    def setUp(self):
+        directory = self.mktemp()
+        os.makedirs(directory)
+        self.path = os.path.join(directory, "users")
+        self.clock = Clock()
+        self.db = UserDB(self.path, clock=self.clock.seconds, fault_log_interval=60)
+
+    def write(self, data: bytes) -> None:
+        with open(self.path, "wb") as f:
+            f.write(data)
+
+    def errors(self, events) -> list[str]:
+        return [formatEvent(e) for e in events if e.get("log_level") is not None
+                and e["log_level"].name == "error"]
+
+    def assert_keeps_alice(self, spoil, problem: str) -> None:
+        self.write(b"alice@example.org:{PLAIN}a\n")
+        self.assertIsNotNone(self.db.get("alice@example.org"))
+        spoil()
+        with capturedLogs() as events:
+            for _ in range(5):
+                self.clock.advance(1)
+                self.assertIsNotNone(self.db.get("alice@example.org"))
+                self.assertIsNone(self.db.get("nobody@example.org"))
+                self.assertTrue(self.db.has_domain("example.org"))
+        [line] = self.errors(events)
+        self.assertIn(self.path, line)
+        self.assertIn(problem, line)
+        self.assertIn("keeping the 1 users loaded before", line)
+        with capturedLogs() as events:
+            self.clock.advance(60)
+            self.db.get("alice@example.org")
+        self.assertEqual(len(self.errors(events)), 1, "repeated at a bounded rate")
+        self.assertFalse(any(e.get("log_failure") for e in events), "no traceback")
+
+    def test_emptied_in_place(self):
+        self.assert_keeps_alice(lambda: self.write(b""), "is empty")
+
+    def test_garbage(self):
+        self.assert_keeps_alice(lambda: self.write(b"\x89PNG\r\n\x1a\n\0\0\0"), "NUL")
+
+    def test_no_valid_line(self):
+        self.assert_keeps_alice(lambda: self.write(b"hello world\nfoo\n"),
+                                "has no valid user line (line 1:")
+
+    def test_replaced_by_a_directory(self):
+        def spoil():
+            os.unlink(self.path)
+            os.mkdir(self.path)
+        self.assert_keeps_alice(spoil, "cannot be read: Is a directory")
+
+    def test_unreadable(self):
+        def spoil():
+            os.chmod(self.path, 0)
+            users.open = _denied  # root reads a mode 000 file: deny as for anyone else
+            self.addCleanup(delattr, users, "open")
+
+        self.assert_keeps_alice(spoil, "cannot be read: Permission denied")
+
+    def test_fixed_file_is_used_again(self):
+        self.write(b"alice@example.org:{PLAIN}a\n")
+        self.db.get("alice@example.org")
+        self.write(b"")
+        self.clock.advance(1)
+        self.db.get("alice@example.org")
+        self.write(b"bob@example.org:{PLAIN}b\n")
+        self.clock.advance(1)
+        self.assertIsNone(self.db.get("alice@example.org"))
+        self.assertIsNotNone(self.db.get("bob@example.org"))
+
+    def test_never_loaded_is_unavailable_not_unknown(self):
+        self.write(b"")
+        with capturedLogs() as events:
+            self.assertRaises(UsersUnavailable, self.db.get, "alice@example.org")
+            self.assertRaises(UsersUnavailable, self.db.has_domain, "example.org")
+        [line] = self.errors(events)
+        self.assertIn("no users are loaded: mail and logins get temporary errors", line)
+        self.write(b"alice@example.org:{PLAIN}a\n")
+        self.assertIsNotNone(self.db.get("alice@example.org"))
+
+    def test_comments_only_is_no_users_on_purpose(self):
+        UserFile(self.path).add("alice@example.org", "{PLAIN}a")
+        UserFile(self.path).delete("alice@example.org")
+        self.assertIsNone(self.db.get("alice@example.org"))
+        UserFile(self.path).add("bob@example.org", "{PLAIN}b")
+        with open(self.path) as f:
+            self.assertEqual(f.read(), "bob@example.org:{PLAIN}b\n")
+
+    def test_checker_reports_unavailable(self):
+        self.write(b"\0")
+        checker = PasswordChecker(self.db, run_inline)
+        d = checker.requestAvatarId(UsernamePassword(b"alice@example.org", b"a"))
+        self.failureResultOf(d, UsersUnavailable)
+
+
+def _denied(*args, **kwargs):
+    """``open`` as for a non-root user on a mode 000 file (root reads any file)."""
+    raise PermissionError(13, "Permission denied", args[0])

@@ -3,10 +3,11 @@
 POP3's USER/PASS, APOP and AUTH, and SMTP AUTH on submission, all hand a
 :class:`LoginAttempt` to the :class:`Authenticator`, which applies the same rules:
 
-1. **The penalty first.**  An attempt from an address with earlier failures waits out
-   that address's current delay (:class:`~popgate.auth.penalty.AuthPenalty`) *before* its
-   password is checked: a guesser that hangs up early costs no hashing, and a right
-   guess cannot be told from a wrong one by how fast the answer comes.
+1. **The penalty first.**  An attempt for a user name that failed before from the same
+   address (or from an address that guessed many names) waits out its current delay
+   (:class:`~popgate.auth.penalty.AuthPenalty`) *before* its password is checked: a
+   guesser that hangs up early costs no hashing, and a right guess cannot be told from a
+   wrong one by how fast the answer comes.
 2. **A bound per address.**  At most :data:`~popgate.auth.penalty.CHECKS_PER_ADDRESS`
    checks per address run at once (:class:`~popgate.auth.penalty.ChecksPerAddress`), so
    one address cannot fill the hashing threads' queue.
@@ -77,7 +78,7 @@ class Authenticator:
 
     async def _login(self, attempt: LoginAttempt, interface, wanted):
         started = self.clock.seconds()
-        await self._until(started + self.penalty.delay(attempt.host))
+        await self._until(started + self.penalty.delay(attempt.host, attempt.name))
         if not wanted():
             return None
         try:
@@ -85,12 +86,12 @@ class Authenticator:
                 self.checks.run(attempt.host, self._check, attempt, interface, wanted))
         except UnauthorizedLogin:
             self.penalty.failed(attempt.host, attempt.name, attempt.repeat_key)
-            await self._until(started + self.penalty.delay(attempt.host))
+            await self._until(started + self.penalty.delay(attempt.host, attempt.name))
             raise LoginFailed() from None
         if result is None:
             return None
         _, avatar, logout = result
-        self.penalty.succeeded(attempt.host)
+        self.penalty.succeeded(attempt.host, attempt.name)
         return avatar, logout
 
     def _check(self, attempt: LoginAttempt, interface, wanted) -> defer.Deferred:

@@ -51,7 +51,8 @@ from popgate.fileio import write_atomically
 
 SCHEMES = ("ARGON2ID", "BLF-CRYPT", "PLAIN")
 DEFAULT_SCHEME = "ARGON2ID"
-_VANISHED = (0, 0, -1)  # UserDB's file identity while a loaded users file is missing
+_VANISHED = (0, 0, 0, -1)  # UserDB's file identity while a loaded users file is missing
+_NO_USERS = "# no users"  # what UserFile writes rather than an empty file
 _BCRYPT_MAX = 72  # bcrypt ignores (bcrypt>=5: refuses) bytes past 72
 
 log = Logger()
@@ -162,31 +163,50 @@ def parse_line(line: str) -> User | None:
     return User(normalise_user(name), password, extra)
 
 
+class UsersUnavailable(Exception):
+    """The users file exists but has never loaded (unreadable, empty or unparseable):
+    callers answer with a temporary error (``451 4.3.0``, ``-ERR [SYS/TEMP]``)."""
+
+
 class UserDB:
     """Read access to the passwd-file, re-read whenever the file changes on disk.
 
     The file's identity is checked at most once per ``interval`` seconds of ``clock``, and
     again at once when a lookup misses (see the module docstring).
+
+    A file that cannot serve (see :func:`_unusable_reason`: unreadable, a directory, empty,
+    binary, or without one valid user line) never replaces the users loaded before: they
+    are kept, and one error line naming the file and the problem is logged, again every
+    ``fault_log_interval`` seconds while it lasts (its identity is not remembered, so the
+    file is read again at the next check, whatever its ``stat`` says).
+    If no file has loaded yet, lookups raise :class:`UsersUnavailable` instead: a
+    permanent "no such user" would make senders bounce the mail.  A file that does not
+    exist (yet) is no users, not a fault.
     """
 
     def __init__(self, path: str, *, clock: Callable[[], float] = time.monotonic,
-                 interval: float = 1.0):
+                 interval: float = 1.0, fault_log_interval: float = 60.0):
         self.path = path
         self._clock = clock
         self._interval = interval
+        self._fault_log_interval = fault_log_interval
         self._checked: float | None = None  # clock reading at the last stat
-        self._identity: tuple[int, int, int] | None = None
+        self._identity: tuple[int, int, int, int] | None = None
+        self._loaded = False  # a file has loaded (or there was none) at least once
+        self._fault: str | None = None  # why the file on disk is not used now
+        self._fault_logged: float | None = None
         self._users: dict[str, User] = {}
         self._domains: frozenset[str] = frozenset()
 
     def get(self, name: str) -> User | None:
-        """The user called ``name`` (any case), or None."""
+        """The user called ``name`` (any case), or None; UsersUnavailable if none loaded."""
         key = name.lower()
         looked = self._refresh()
         user = self._users.get(key)
         if user is None and not looked:
             self._refresh(force=True)
             user = self._users.get(key)
+        self._require_loaded()
         return user
 
     def has_domain(self, domain: str) -> bool:
@@ -196,14 +216,17 @@ class UserDB:
             return True
         if not looked:
             self._refresh(force=True)
+        self._require_loaded()
         return domain in self._domains
 
     def domains(self) -> frozenset[str]:
         """Every domain that has at least one user."""
         self._refresh()
+        self._require_loaded()
         return self._domains
 
     def users(self) -> list[User]:
+        """Every loaded user (none while the file has never loaded: a listing)."""
         self._refresh(force=True)
         return sorted(self._users.values(), key=lambda u: u.name)
 
@@ -217,6 +240,10 @@ class UserDB:
         self._identity = None
         self._refresh(force=True)
         return len(self._users)
+
+    def _require_loaded(self) -> None:
+        if not self._loaded and self._fault is not None:
+            raise UsersUnavailable(f"{self.path} {self._fault}")
 
     def _refresh(self, force: bool = False) -> bool:
         """Re-read the file if it changed; True if it was looked at (not throttled)."""
@@ -233,26 +260,91 @@ class UserDB:
                 log.warn("{path} has disappeared; keeping the {n} users loaded before",
                          path=self.path, n=len(self._users))
                 self._identity = _VANISHED  # warn once; re-read when it is back
+            elif self._identity is None and self._fault is None:
+                self._loaded = True  # no file yet: no users, not a fault
             return True
-        identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except OSError as e:
+            self._unusable(f"cannot be read: {e.strerror}", now)
+            return True
+        # ctime too: a chmod that makes the file unreadable (or readable again) changes
+        # nothing else.
+        identity = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
         if identity == self._identity:
             return True
-        users = {}
-        # A stray non-UTF-8 byte spoils one line (skipped below), not every login.
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    user = parse_line(line.rstrip("\n"))
-                except AddressError as e:
-                    log.warn("{path}:{n}: ignoring bad user name: {e}",
-                             path=self.path, n=number, e=e)
-                    continue
-                if user:
-                    users[user.name] = user
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            self._unusable(f"cannot be read: {e.strerror}", now)
+            return True
+        users, bad = _parse_users(data)
+        reason = _unusable_reason(data, users, bad)
+        if reason is not None:
+            self._unusable(reason, now)
+            return True
+        for number, e in bad:
+            log.warn("{path}:{n}: ignoring bad user name: {e}", path=self.path, n=number, e=e)
+        if self._fault is not None:
+            log.info("{path} is usable again: {n} users", path=self.path, n=len(users))
         self._users = users
         self._domains = frozenset(u.domain for u in users.values())
         self._identity = identity
+        self._loaded, self._fault = True, None
         return True
+
+    def _unusable(self, reason: str, now: float) -> None:
+        """Keep what was loaded; say so loudly, at a bounded rate."""
+        self._identity = None  # read it again at the next check, whatever its stat says
+        repeat = (self._fault_logged is not None
+                  and now - self._fault_logged < self._fault_log_interval)
+        if reason != self._fault or not repeat:
+            self._fault_logged = now
+            if self._loaded:
+                log.error("users file {path} {reason}; keeping the {n} users loaded "
+                          "before until it is fixed", path=self.path, reason=reason,
+                          n=len(self._users))
+            else:
+                log.error("users file {path} {reason}; no users are loaded: mail and "
+                          "logins get temporary errors until it is fixed",
+                          path=self.path, reason=reason)
+        self._fault = reason
+
+
+def _parse_users(data: bytes) -> tuple[dict[str, User], list[tuple[int, AddressError]]]:
+    """The users of a passwd-file's bytes, and the (line number, error) of bad lines."""
+    users: dict[str, User] = {}
+    bad = []
+    # A stray non-UTF-8 byte spoils one line (skipped), not every login.  Lines are split
+    # as text files are (universal newlines), as UserFile does.
+    text = data.decode("utf-8", errors="replace")
+    for number, line in enumerate(text.replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+        try:
+            user = parse_line(line)
+        except AddressError as e:
+            bad.append((number, e))
+            continue
+        if user:
+            users[user.name] = user
+    return users, bad
+
+
+def _unusable_reason(data: bytes, users: dict[str, User], bad: list) -> str | None:
+    """Why a users file must not replace the users loaded before, or None.
+
+    An empty file (``: > users``, or an in-place rewrite caught half-way), binary data or
+    a file whose lines are all bad is a fault, not "nobody lives here": taking it would
+    bounce every recipient.  A few bad lines among good ones are only skipped.  A file of
+    comments only means no users, on purpose: ``popgate user del`` of the last user
+    leaves one (:data:`_NO_USERS`).
+    """
+    if b"\0" in data:
+        return "is not a text file (it contains NUL bytes)"
+    if not users and bad:
+        number, e = bad[0]
+        return f"has no valid user line (line {number}: {e})"
+    if not data.strip():
+        return "is empty"
+    return None  # comments only: no users, on purpose (UserFile writes _NO_USERS)
 
 
 class UserFile:
@@ -307,6 +399,8 @@ class UserFile:
         return lines
 
     def _write_atomically(self, lines: list[str]) -> None:
+        # Never an empty file: the server takes that for a fault (see _unusable_reason).
+        lines = [line for line in lines if line != _NO_USERS] or [_NO_USERS]
         # Keep the file's owner, group and mode: run as root, `popgate user add` must not
         # leave a file the server's user cannot read.  A new file takes its directory's
         # owner and group (mode 0600).
@@ -368,9 +462,10 @@ class PasswordChecker:
         self._dummy: str | None = None
 
     def requestAvatarId(self, credentials) -> defer.Deferred:
+        # UsersUnavailable (the users file never loaded) fails the Deferred, not the call.
         if IUsernamePassword.providedBy(credentials):
-            return self._check_password(credentials)
-        return self._check_apop(credentials)
+            return defer.maybeDeferred(self._check_password, credentials)
+        return defer.maybeDeferred(self._check_apop, credentials)
 
     def _lookup(self, username: bytes | str) -> User | None:
         if isinstance(username, bytes):

@@ -54,9 +54,10 @@ from twisted.logger import Logger
 from popgate import __version__
 from popgate.auth import sasl
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
-from popgate.auth.users import APOPCredentials
+from popgate.auth.users import APOPCredentials, UsersUnavailable
 from popgate.codec import DotEncoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
+from popgate.loglimit import log_storage_error
 from popgate.pop3.realm import IMaildrop, MailboxInUse, NoSuchMessage
 
 MAX_COMMAND_LINE = 255  # octets including CRLF, RFC 2449 §4
@@ -573,7 +574,10 @@ class POP3Server(LineSession):
 
     def _update_failed(self, failure) -> None:
         self._update = None
-        log.failure("POP3 UPDATE failed for {user}", failure, user=self._maildrop.user)
+        if failure.check(OSError):  # an expected fault (a full disk): one line, no traceback
+            log_storage_error(failure.value, self.factory.refusal_log)
+        else:
+            log.failure("POP3 UPDATE failed for {user}", failure, user=self._maildrop.user)
         self._log_out()
         if not self.disconnected:
             # RFC 1939 §6: -ERR if some deletions failed.
@@ -634,8 +638,15 @@ class POP3Server(LineSession):
             self._publish_login(attempt, "in-use")
             self._refuse(b"-ERR [IN-USE] Mailbox is in use by another session",
                          "mailbox in use")
+        elif failure.check(UsersUnavailable):  # UserDB has logged why, at a bounded rate
+            self._publish_login(attempt, "error")
+            self._refuse(b"-ERR [SYS/TEMP] User database temporarily unavailable",
+                         "user database unavailable")
         else:
-            log.failure("POP3 login failed for {peer}", failure, peer=self.info.client)
+            if failure.check(OSError):  # an expected fault (a full disk): no traceback
+                log_storage_error(failure.value, self.factory.refusal_log)
+            else:
+                log.failure("POP3 login failed for {peer}", failure, peer=self.info.client)
             self._publish_login(attempt, "error")
             # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
             self._refuse(b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
@@ -734,8 +745,7 @@ class POP3Server(LineSession):
         except OSError as e:
             if stream is not None:
                 stream.close()
-            log.error("POP3 cannot read message {uidl} of {user}: {error}", uidl=info.uidl,
-                      user=self._maildrop.user, error=e)
+            log_storage_error(e, self.factory.refusal_log)
             self._send(b"-ERR [SYS/TEMP] Message temporarily unavailable")
             return
         self._errors = 0
@@ -761,7 +771,7 @@ class POP3Server(LineSession):
                 chunk = self._stream.next_chunk()
             except OSError as e:
                 # Part of the reply is out already: only closing tells the client.
-                log.error("POP3 read error while sending a message: {error}", error=e)
+                log_storage_error(e, self.factory.refusal_log)
                 self.close("read error while sending a message")
                 return
             self._reset_idle_timer()

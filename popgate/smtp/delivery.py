@@ -15,7 +15,9 @@
     users file, so that ``postmaster@`` of every local domain reaches someone by default
     (:func:`describe_postmaster` names who, for ``popgate config check`` and the start-up
     log); alias targets that are not in the user database are skipped (and logged);
-    nothing left: ``550 5.1.1``.
+    nothing left: ``550 5.1.1``;
+  - while the users file has never loaded (:class:`~popgate.auth.users.UsersUnavailable`):
+    ``451 4.3.0``, never a permanent refusal.
 
 * :class:`Deliverer` turns an :class:`Arrival` into a :class:`Transaction`: one Maildir
   ``tmp/`` file per recipient *user* (a user reached through several addresses gets one
@@ -68,14 +70,33 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from popgate.addresses import Mailbox
-from popgate.auth.users import User, UserDB
-from popgate.smtp.reply import RELAY_DENIED, UNKNOWN_USER, Reply
+from popgate.auth.users import User, UserDB, UsersUnavailable
+from popgate.loglimit import LogLimiter, log_storage_error
+from popgate.smtp.reply import (
+    CANNOT_STORE,
+    RELAY_DENIED,
+    STORAGE_FULL,
+    UNKNOWN_USER,
+    USERS_UNAVAILABLE,
+    Reply,
+)
 from popgate.store import maildir
 from popgate.store.maildir import IncomingMessage, MaildirStore
 
 log = Logger()
 
 _MAX_HEADER_LINE = 78  # RFC 5322 §2.1.1: SHOULD NOT exceed 78 characters
+
+
+def storage_refusal(error: OSError, log_limiter: LogLimiter) -> Reply:
+    """The temporary reply for mail that could not be stored, and one log line per cause.
+
+    A full disk or quota (ENOSPC, EDQUOT) is ``452 4.3.1``, any other storage error
+    ``451 4.3.0``.  These are expected faults: one line per cause (its errno) per
+    ``log_limiter`` interval (:func:`~popgate.loglimit.log_storage_error`), never a
+    traceback, however many messages are refused.
+    """
+    return STORAGE_FULL if log_storage_error(error, log_limiter) else CANNOT_STORE
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,12 @@ class Router:
         return domain in self._configured_domains or self._users.has_domain(domain)
 
     def resolve(self, mailbox: Mailbox) -> Resolution:
+        try:
+            return self._resolve(mailbox)
+        except UsersUnavailable:
+            return Resolution(refusal=USERS_UNAVAILABLE)
+
+    def _resolve(self, mailbox: Mailbox) -> Resolution:
         if mailbox.has_relay_hack or mailbox.is_literal or not self.is_local(mailbox.domain):
             return Resolution(refusal=RELAY_DENIED)
         local = mailbox.local.lower().partition("+")[0]  # RFC 5233 sub-address
@@ -118,11 +145,14 @@ class Router:
         """
         labels = self._hostname.split(".")
         domains = [".".join(labels[start:]) for start in range(max(len(labels) - 1, 1))]
-        for domain in domains:
-            resolution = self._lookup("postmaster", domain, default=False)
-            if resolution.refusal is None:
-                return resolution
-        return self._lookup("postmaster", domains[0])
+        try:
+            for domain in domains:
+                resolution = self._lookup("postmaster", domain, default=False)
+                if resolution.refusal is None:
+                    return resolution
+            return self._lookup("postmaster", domains[0])
+        except UsersUnavailable:
+            return Resolution(refusal=USERS_UNAVAILABLE)
 
     def _lookup(self, local: str, domain: str, default: bool = True) -> Resolution:
         address = f"{local}@{domain}"
@@ -238,6 +268,9 @@ class GroupCommitter:
         for (messages, done), outcome in zip(group, outcomes, strict=True):
             for message in messages:
                 message.close()
+                if message.recovered:
+                    log.warn("{path} was removed by another program before delivery; "
+                             "written again from the open file", path=message.tmp_path)
             if outcome is None:
                 done.callback(None)
             else:
@@ -300,8 +333,9 @@ class SparePool:
     follows the number of messages that user receives at once; at most ``limit`` spares
     exist in all.  A spare unused for ``max_age`` seconds is removed (by the next thread
     call) rather than handed out: its name carries its creation time.  Spares left behind
-    by a crash are empty ``tmp/`` files, which
-    :meth:`~popgate.store.maildir.MaildirStore.clean_tmp` removes in time.  Reactor thread only.
+    by a crash are empty ``tmp/`` files named after their dead owner, which
+    :meth:`~popgate.store.maildir.MaildirStore.clean_tmp` removes at the next start or
+    periodic sweep.  Reactor thread only.
     """
 
     def __init__(self, store: MaildirStore, run_in_thread: Callable[..., defer.Deferred],
@@ -501,7 +535,8 @@ class Transaction:
             message.flush()
 
     def _failed(self, error: OSError) -> None:
-        log.error("{id}: cannot write message: {error}", id=self.id, error=error)
+        # Not logged here: finish() fails with it, and the caller logs storage errors at
+        # a bounded rate (storage_refusal); a full disk must not log a line per message.
         self._error = error
         self.abort()
 

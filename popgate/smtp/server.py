@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
-from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router
+from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, storage_refusal
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
 from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
 from popgate.tls import tls_description
@@ -538,14 +538,13 @@ class SMTPServer(LineSession):
         message.stage = Stage.RECEIVING
 
     def _files_not_opened(self, failure, message: MessageInFlight) -> None:
-        if failure.check(OSError):
-            self.log.error("cannot open a message for {rcpts}: {error}",
-                           rcpts=[r.address for r in self.envelope.recipients],
-                           error=failure.value)
+        if failure.check(OSError):  # an expected fault (a full disk): one line, no traceback
+            refusal = storage_refusal(failure.value, self.factory.refusal_log)
         else:
             self.log.failure("cannot open a message", failure)
+            refusal = CANNOT_STORE
         message.stage = Stage.RECEIVING
-        message.refuse(CANNOT_STORE)
+        message.refuse(refusal)
 
     def smtp_DATA(self, argument: str) -> None:
         if argument:
@@ -645,8 +644,12 @@ class SMTPServer(LineSession):
         self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
     def _not_delivered(self, failure, transaction, recipients) -> None:
-        self.log.failure("{id}: delivery failed", failure, id=transaction.id)
-        self._answer_message(recipients, CANNOT_STORE)
+        if failure.check(OSError):  # an expected fault (a full disk): one line, no traceback
+            refusal = storage_refusal(failure.value, self.factory.refusal_log)
+        else:
+            self.log.failure("{id}: delivery failed", failure, id=transaction.id)
+            refusal = CANNOT_STORE
+        self._answer_message(recipients, refusal)
 
     def _answer_message(self, recipients, answer: Reply) -> None:
         """One reply (SMTP), or one per accepted recipient in order (LMTP, RFC 2033 §4.2)."""

@@ -27,9 +27,34 @@ Maildir that lost its cache is parsed again in full, which for names without ``W
 
 Durability: a message is written in ``tmp/``, fsynced, renamed into ``new/`` and the
 directory fsynced (:func:`commit`); a crash leaves the whole message in ``new/`` or only a
-stale ``tmp/`` file, removed by :meth:`MaildirStore.clean_tmp` after 36 hours.  (The SMTP
-side also keeps a few empty ``tmp/`` files made ahead of time, see
-:class:`popgate.smtp.delivery.SparePool`; left behind, they are stale files like any other.)
+stale ``tmp/`` file.  (The SMTP side also keeps a few empty ``tmp/`` files made ahead of
+time, see :class:`popgate.smtp.delivery.SparePool`.)  If another program removes a ``tmp/``
+file before its rename, its data is still in the open file: it is written again into a
+new ``tmp/`` file (:attr:`IncomingMessage.recovered`) and the rename goes on.
+
+Stale ``tmp/`` files (:meth:`MaildirStore.clean_tmp`, at start and periodically).  Several
+popgate processes may share one mail root (one host or many, on NFS or GlusterFS, with
+the same host name or not, pids reused across containers), so neither a host name nor a
+pid says whether a file is still in use.  A process that has called
+:meth:`MaildirStore.claim_owner` names its ``tmp/`` files ``<unique>,O=<owner>``
+(``<unique>`` already says the host and pid, see above; ``<owner>`` is random, one per
+process start) and holds, for its whole life, an exclusive ``flock`` on
+``<root>/.popgate-owners/<owner>`` (a text file: host and pid, for operators).  The
+kernel, or the NFS/GlusterFS lock manager, drops that lock when the process dies, even by
+``kill -9``.  The lock file is left behind when the process ends (then it is unlocked),
+and removed by the next sweep.  The rule:
+
+* a file ``,O=<owner>`` of another owner is removed if that owner's lock file is gone, or
+  can be locked (its process is dead): at the next start of any node, after a crash, and
+  by the periodic sweep; a live owner's files are never touched, whatever the host;
+* every other file in ``tmp/`` (other programs', older popgate's, and any file at all
+  after that long) is removed once it is :data:`STALE_TMP_AGE` (36 hours, the Maildir
+  specification's rule) old;
+* lock files of dead owners are removed by the same sweep.
+
+The lock file is created under a temporary name, locked, then renamed into place, so a
+sweeper never sees an unlocked lock file of a live process; a process makes ``tmp/``
+files only after its lock is in place, so a sweeper that sees a file finds its lock.
 
 Concurrency: any number of writers may deliver at once (unique names).  A POP3 session
 holds :class:`MailboxLock`, an ``flock`` on ``<Maildir>/popgate.lock``, which also excludes
@@ -61,11 +86,16 @@ from popgate.fileio import fsync_directory
 STALE_TMP_AGE = 36 * 3600  # the Maildir specification's 36 hours
 SETTLED = 2.0  # seconds: a directory stamp this old is trusted to change on any change
 LOCK_NAME = "popgate.lock"
+OWNERS = ".popgate-owners"  # under the mail root: one locked file per live process
+_CLAIM_TIME = 60.0  # seconds: a ".new" owner file older than this is a failed claim
+_OWNER_FIELD = re.compile(r",O=([0-9a-f]{16})\Z")
 _UIDL = re.compile(r"[\x21-\x7e]{1,70}\Z")  # RFC 1939 §7 unique-id
 _CRLF_SIZE_FIELD = re.compile(r",W=(\d+)(?:,|\Z)")
 _ORDER = re.compile(r"(\d+)\.M(\d+)P\d+Q(\d+)")
 _READ_BLOCK = 1 << 20
 WRITE_BUFFER = 64 * 1024  # message bytes buffered before a write to the tmp/ file
+# Read and write: a message whose tmp/ file vanished is read back from its descriptor,
+# and a message check's header lines are put before its content (IncomingMessage.prepend).
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
 
 
@@ -292,6 +322,8 @@ class MaildirStore:
         self._sequence = itertools.count(1)
         self._maildirs: dict[str, Maildir] = {}
         self._budget = ListingBudget(listing_cache)
+        self.owner: str | None = None  # see claim_owner
+        self._owner_fd: int | None = None
 
     def maildir(self, user) -> Maildir:
         """The Maildir of an existing :class:`~popgate.auth.users.User` (created on first use)."""
@@ -311,21 +343,45 @@ class MaildirStore:
 
     def new_message(self, maildir: Maildir) -> IncomingMessage:
         """Open a new message in ``maildir``'s ``tmp/``; nothing is visible until commit."""
-        return IncomingMessage(maildir, self.unique_name())
+        unique = self.unique_name()
+        tmp_name = unique if self.owner is None else f"{unique},O={self.owner}"
+        return IncomingMessage(maildir, unique, tmp_name)
+
+    def claim_owner(self) -> None:
+        """Mark this process's ``tmp/`` files as its own, and hold the lock that says it
+        is alive (see the module docstring).  Call it once, in the process that delivers
+        (after any fork), before making files."""
+        owners = os.path.join(self.root, OWNERS)
+        _makedirs_private(owners)
+        owner = secrets.token_hex(8)
+        path = os.path.join(owners, owner)
+        fd = os.open(path + ".new", _CREATE_FLAGS, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(OSError):  # for operators only: not on a full disk
+                os.write(fd, f"{self._host} {_pid}\n".encode("utf-8", "replace"))
+            os.rename(path + ".new", path)  # only now visible, and locked
+            fsync_directory(owners)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path + ".new")
+            raise
+        self.owner, self._owner_fd = owner, fd
 
     def clean_tmp(self, max_age: float = STALE_TMP_AGE, now: float | None = None) -> int:
-        """Remove ``tmp/`` files older than ``max_age`` seconds in every Maildir."""
+        """Remove stale ``tmp/`` files in every Maildir (see the module docstring): the
+        files of dead owners, and any file older than ``max_age`` seconds.  Blocks on
+        the disk (a thread, or before the reactor runs); any thread."""
         now = time.time() if now is None else now
+        owners = _OwnerCheck(os.path.join(self.root, OWNERS), self.owner)
         removed = 0
-        for tmp in self._tmp_directories():
-            with os.scandir(tmp) as it:
-                for entry in it:
-                    try:
-                        if entry.is_file() and now - entry.stat().st_mtime > max_age:
-                            os.unlink(entry.path)
-                            removed += 1
-                    except FileNotFoundError:
-                        pass
+        try:
+            for tmp in self._tmp_directories():
+                removed += _clean_directory(tmp, owners, now - max_age)
+            owners.remove_dead_locks(now - _CLAIM_TIME)
+        finally:
+            owners.close()
         return removed
 
     def _tmp_directories(self) -> Iterable[str]:
@@ -334,6 +390,85 @@ class MaildirStore:
                 tmp = os.path.join(local, "Maildir", "tmp")
                 if os.path.isdir(tmp):
                     yield tmp
+
+
+def _clean_directory(tmp: str, owners: _OwnerCheck, oldest: float) -> int:
+    removed = 0
+    with os.scandir(tmp) as it:
+        for entry in it:
+            found = _OWNER_FIELD.search(entry.name)
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                if ((found is not None and owners.is_dead(found.group(1)))
+                        or entry.stat(follow_symlinks=False).st_mtime < oldest):
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+class _OwnerCheck:
+    """Which owners (see the module docstring) are dead, for one sweep.
+
+    A dead owner's lock stays held by this sweep until :meth:`close`, so that another
+    node sweeping at the same time takes it for alive (and keeps its files) rather than
+    racing us.
+    """
+
+    def __init__(self, directory: str, mine: str | None):
+        self._directory = directory
+        self._mine = mine
+        self._alive: set[str] = set()
+        self._dead: dict[str, int | None] = {}  # owner -> fd holding its lock, if any
+
+    def is_dead(self, owner: str) -> bool:
+        if owner == self._mine or owner in self._alive:
+            return False
+        if owner not in self._dead:
+            try:
+                self._dead[owner] = _try_lock(os.path.join(self._directory, owner))
+            except FileNotFoundError:
+                self._dead[owner] = None  # no lock file: ended, or swept already
+            except BlockingIOError:
+                self._alive.add(owner)
+                return False
+        return True
+
+    def remove_dead_locks(self, oldest: float) -> None:
+        """Remove the lock files of dead owners (with files left or not), and those of
+        processes that died while claiming (``.new``, older than ``oldest``)."""
+        try:
+            names = os.listdir(self._directory)
+        except FileNotFoundError:
+            return
+        for name in names:
+            path = os.path.join(self._directory, name)
+            with contextlib.suppress(FileNotFoundError, BlockingIOError):
+                if name.endswith(".new"):
+                    if os.stat(path).st_mtime < oldest:
+                        os.close(_try_lock(path))
+                        os.unlink(path)
+                elif self.is_dead(name):
+                    os.unlink(path)  # while we hold its lock
+
+    def close(self) -> None:
+        for fd in self._dead.values():
+            if fd is not None:
+                os.close(fd)
+        self._dead.clear()
+
+
+def _try_lock(path: str) -> int:
+    """An fd holding ``path``'s exclusive lock; BlockingIOError if someone holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class IncomingMessage:
@@ -346,10 +481,11 @@ class IncomingMessage:
     the content durable; :meth:`close` then only releases the descriptor.
     """
 
-    def __init__(self, maildir: Maildir, unique: str):
+    def __init__(self, maildir: Maildir, unique: str, tmp_name: str | None = None):
         self.maildir = maildir
         self.unique = unique
-        self.tmp_path = os.path.join(maildir.path, "tmp", unique)
+        self.tmp_path = os.path.join(maildir.path, "tmp", tmp_name or unique)
+        self.recovered = False  # its tmp/ file vanished and was written again
         # 0600: mail is private even if a directory above is opened up by mistake.
         self._fd: int | None = os.open(self.tmp_path, _CREATE_FLAGS, 0o600)
         self._buffer = bytearray()
@@ -405,6 +541,29 @@ class IncomingMessage:
         self.flush()
         os.fsync(self._fd)
 
+    def recover(self) -> None:
+        """Its ``tmp/`` file was removed by someone else: write the data, still in the
+        open file, into a new ``tmp/`` file of the same name, durably.  Slow: a thread."""
+        self.flush()
+        fd = os.open(self.tmp_path, _CREATE_FLAGS, 0o600)
+        try:
+            offset = 0
+            while block := os.pread(self._fd, _READ_BLOCK, offset):
+                with memoryview(block) as view:
+                    written = 0
+                    while written < len(block):
+                        written += os.write(fd, view[written:])
+                offset += len(block)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.tmp_path)
+            raise
+        old, self._fd = self._fd, fd
+        os.close(old)
+        self.recovered = True
+
     def close(self) -> None:
         """Release the file descriptor (after :meth:`sync`, or to give up on the file)."""
         if self._fd is not None:
@@ -417,7 +576,8 @@ class IncomingMessage:
         self._buffer = bytearray()
         if self._fd is not None:
             fd, self._fd = self._fd, None
-            os.close(fd)
+            with contextlib.suppress(OSError):  # (NFS reports write errors here) not kept
+                os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.tmp_path)
 
@@ -449,7 +609,13 @@ def publish(messages: list[IncomingMessage]) -> set[str]:
         for message in messages:
             new = os.path.join(message.maildir.path, "new")
             message.final_path = os.path.join(new, message.final_name)
-            os.rename(message.tmp_path, message.final_path)
+            try:
+                os.rename(message.tmp_path, message.final_path)
+            except FileNotFoundError:
+                if not os.path.isdir(new):
+                    raise
+                message.recover()  # removed from tmp/ by another program
+                os.rename(message.tmp_path, message.final_path)
             directories.add(new)
         return directories
     except BaseException:
@@ -467,16 +633,19 @@ def make_uidl(unique: str) -> str:
 
 
 def crlf_size(path: str) -> int:
-    """Octets of a file once every bare LF is sent as CRLF (for names without ``W=``)."""
+    """Octets of a file once every bare LF is sent as CRLF (for names without ``W=``),
+    plus the CRLF that POP3 adds to a file without a final line end (RFC 1939 §3)."""
     total = 0
     previous_cr = False
+    last = b"\n"
     with open(path, "rb") as f:
         while block := f.read(_READ_BLOCK):
             total += len(block) + block.count(b"\n") - block.count(b"\r\n")
             if previous_cr and block.startswith(b"\n"):
                 total -= 1
             previous_cr = block.endswith(b"\r")
-    return total
+            last = block[-1:]
+    return total if last == b"\n" else total + 2
 
 
 def _order_key(name: str) -> tuple[int, int, int, str]:
