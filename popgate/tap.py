@@ -25,6 +25,7 @@ class Options(usage.Options):
         super().__init__()
         self["smtp"] = []
         self["pop3"] = []
+        self["submission"] = []
 
     def opt_smtp(self, endpoint: str) -> None:
         """SMTP listener endpoint (repeatable), e.g. tcp:2525:interface=127.0.0.1."""
@@ -34,12 +35,18 @@ class Options(usage.Options):
         """POP3 listener endpoint (repeatable), e.g. tcp:1100:interface=127.0.0.1."""
         self["pop3"].append(endpoint)
 
+    def opt_submission(self, endpoint: str) -> None:
+        """Submission listener endpoint (repeatable), e.g. tcp:587 (STARTTLS + AUTH)."""
+        self["submission"].append(endpoint)
+
     def overrides(self) -> dict[str, object]:
         overrides: dict[str, object] = {}
         if self["smtp"]:
             overrides["smtp.listen"] = list(self["smtp"])
         if self["pop3"]:
             overrides["pop3.listen"] = list(self["pop3"])
+        if self["submission"]:
+            overrides["submission.listen"] = list(self["submission"])
         if self["data-dir"]:
             overrides["server.data_dir"] = self["data-dir"]
         return overrides

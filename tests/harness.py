@@ -175,6 +175,7 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
         "server": {"data_dir": data_dir, "hostname": "mx.test"},
         "smtp": {"listen": ["tcp:0:interface=127.0.0.1"]},
         "pop3": {"listen": ["tcp:0:interface=127.0.0.1"]},
+        "submission": {"listen": ["tcp:0:interface=127.0.0.1"]},
     }
     for section, table in (settings or {}).items():
         merged.setdefault(section, {}).update(table)

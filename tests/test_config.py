@@ -67,7 +67,7 @@ class DefaultsTests(TestCase):
             elif m := re.match(r"#(\w+) = (.*)$", line):
                 listed[f"{section}.{m.group(1)}"] = tomllib.loads(f"v = {m.group(2)}")["v"]
         defaults = config.Config()
-        for name in ("server", "smtp", "pop3", "tls", "limits"):
+        for name in config._SECTIONS:
             for field in dataclasses.fields(getattr(defaults, name)):
                 key = f"{name}.{field.name}"
                 self.assertIn(key, listed, f"{key} missing from etc/popgate.toml")

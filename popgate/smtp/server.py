@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import ChunkDecoder, DataDecoder
 from popgate.lineproto import LineSession, SessionFactory
-from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router
+from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Resolution, Router
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
 from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
 from popgate.tls import tls_description
@@ -249,7 +249,7 @@ class SMTPServer(LineSession):
             self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=text)
+            self.events.publish("command", self.info, line=self.trace_line(text))
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
@@ -259,6 +259,10 @@ class SMTPServer(LineSession):
             getattr(self, "smtp_" + verb)(argument.strip(" "))
         except SMTPCommandError as e:
             self._refuse(e)
+
+    def trace_line(self, text: str) -> str:
+        """The command line as ``command`` events show it (submission hides secrets)."""
+        return text
 
     # -- replies ------------------------------------------------------------------------
 
@@ -382,9 +386,13 @@ class SMTPServer(LineSession):
         path, parameters = _split_path(argument, "FROM")
         body, smtputf8 = self._parse_mail_parameters(parameters)
         sender = _parse_address(path, smtputf8, "5.1.7")
+        self.check_sender(sender)
         self.envelope.sender = "" if sender is None else str(sender)
         self.envelope.body, self.envelope.smtputf8 = body, smtputf8
         self._write(_MAIL_OK)
+
+    def check_sender(self, sender) -> None:
+        """Raise SMTPCommandError for a sender this listener refuses (submission does)."""
 
     def _parse_mail_parameters(self, parameters: list[str]) -> tuple[str, bool]:
         """Check MAIL's ESMTP parameters; return (BODY type, SMTPUTF8 given)."""
@@ -435,13 +443,17 @@ class SMTPServer(LineSession):
             mailbox = _parse_address(path, self.envelope.smtputf8, "5.1.3")
             if mailbox is None:
                 raise SMTPCommandError(501, "5.1.3", "Error: the null path is not a recipient")
-            address, resolution = str(mailbox), self.factory.router.resolve(mailbox)
+            address, resolution = str(mailbox), self.route(mailbox)
         if resolution.refusal is not None:
             refusal = resolution.refusal
             raise SMTPCommandError(refusal.code, refusal.enhanced,
                                    f"<{address}>: {refusal.text}")
         self.envelope.recipients.append(Recipient(address, resolution.users))
         self._write(_RCPT_OK)
+
+    def route(self, mailbox) -> Resolution:
+        """Where a ``RCPT TO`` mailbox goes: local users, or a refusal (relay denied)."""
+        return self.factory.router.resolve(mailbox)
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:
@@ -511,7 +523,14 @@ class SMTPServer(LineSession):
         way with nothing to answer yet.
         """
         message = self.message = MessageInFlight(chunking=chunking)
-        arrival = Arrival(
+        d = self.begin_transaction(self.arrival())
+        d.addCallbacks(self._files_opened, self._files_not_opened,
+                       callbackArgs=(message,), errbackArgs=(message,))
+        return d
+
+    def arrival(self) -> Arrival:
+        """What the message's trace headers say about how it arrived."""
+        return Arrival(
             sender=self.envelope.sender,
             recipients=tuple(self.envelope.recipients),
             helo=self.session.helo,
@@ -519,10 +538,10 @@ class SMTPServer(LineSession):
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self.session.secure else None,
         )
-        d = self.factory.deliverer.begin(arrival)
-        d.addCallbacks(self._files_opened, self._files_not_opened,
-                       callbackArgs=(message,), errbackArgs=(message,))
-        return d
+
+    def begin_transaction(self, arrival: Arrival) -> defer.Deferred:
+        """Open the message's files; fires with a Transaction (see Deliverer.begin)."""
+        return self.factory.deliverer.begin(arrival)
 
     def _files_opened(self, transaction, message: MessageInFlight) -> None:
         if self.message is not message or message.refusal is not None:
