@@ -15,7 +15,8 @@ from popgate.service import makeService as _makeService
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR]"
+    synopsis = ("[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... "
+                "[--submission ENDPOINT]... [--data-dir DIR]")
     optParameters = [
         ["config", "c", None, "TOML configuration file (see etc/popgate.toml)."],
         ["data-dir", "d", None, "Data directory (mail, users); default ./popgate-data."],

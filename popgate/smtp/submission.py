@@ -204,7 +204,10 @@ class SubmissionServer(SMTPServer):
             return
         if self.events.wants("command"):
             self.events.publish("command", self.info, line=sasl.SECRET)
-        self._sasl_step(lambda exchange: exchange.step(line))
+        try:
+            self._sasl_step(lambda exchange: exchange.step(line))
+        except SMTPCommandError as e:
+            self._refuse(e)
 
     def smtp_AUTH(self, argument: str) -> None:
         if self.session.helo is None or not self.session.esmtp:
