@@ -43,6 +43,7 @@ from popgate.codec import DotEncoder
 
 REPLY_TIMEOUT = 300.0  # RFC 5321 §4.5.3.2: the longest a client waits for most replies
 CONNECT_TIMEOUT = 30.0
+QUIT_GRACE = 10.0  # seconds the smarthost has to close the connection after QUIT
 MAX_REPLY_LINES = 100
 
 
@@ -91,6 +92,7 @@ class _Session(LineOnlyReceiver):
         self._accepted: list[str] = []
         self._mail_refusal: tuple[int, str] | None = None
         self._timer = None
+        self._complete = False
 
     # -- the connection --------------------------------------------------------------
 
@@ -99,6 +101,8 @@ class _Session(LineOnlyReceiver):
 
     def connectionLost(self, reason) -> None:
         self._stop_timer()
+        if self._complete and not self.done.called:
+            self.done.callback(self.results)
         self._fail(f"connection lost: {reason.getErrorMessage()}")
 
     def _fail(self, why: str) -> None:
@@ -108,11 +112,13 @@ class _Session(LineOnlyReceiver):
             self.transport.abortConnection()
 
     def _finish(self) -> None:
+        """Every answer is in: QUIT, and report once the connection is closed (so that
+        nothing of the session outlives its result)."""
+        self._complete = True
         self.sendLine(b"QUIT")
         self._stop_timer()
-        if not self.done.called:
-            self.done.callback(self.results)
         self.transport.loseConnection()
+        self._timer = self.clock.callLater(QUIT_GRACE, self.transport.abortConnection)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():
