@@ -185,9 +185,19 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
     for name, password in users:
         server.add_user(name, password)
 
+    yield spawn_twistd(testcase, server, timeout)
+    return server
+
+
+@defer.inlineCallbacks
+def spawn_twistd(testcase, server: Server, timeout=30.0):
+    """Start ``twistd -n popgate`` on the server's configuration (again, after a crash
+    test killed it: the same data directory, new ports)."""
     proc = _TwistdProtocol()
-    args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "popgate", "--config", config_path]
-    transport = reactor.spawnProcess(proc, args[0], args, env=child_env(), path=directory)
+    args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "popgate", "--config",
+            server.config_path]
+    transport = reactor.spawnProcess(proc, args[0], args, env=child_env(),
+                                     path=server.directory)
     server.process = proc
     server.pid = transport.pid
 
@@ -204,6 +214,7 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
     finally:
         if timer.active():
             timer.cancel()
+    server.ports = {}
     for label, port in listening:
         server.ports.setdefault(label, []).append(port)
     return server

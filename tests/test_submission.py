@@ -27,6 +27,7 @@ from tests.fakes import synchronous
 from tests.test_smtp import HOSTNAME, Client, SMTPFixture
 from tests.transcript import observed_bus
 
+ALICE = "alice@example.org"
 LOOPBACK = "127.0.0.1"
 REMOTE = "192.0.2.10"
 PLAIN_ALICE = base64.b64encode(b"\0alice@example.org\0pw").decode()
@@ -130,7 +131,7 @@ class AuthTests(SubmissionFixture, TestCase):
         self.assertReplies(client.command(b64("pw")), ["235 2.7.0"])
         self.assertEqual([(e.data["user"], e.data["mechanism"], e.data["result"])
                           for e in self.recorder.of("login")],
-                         [("alice@example.org", "PLAIN", "ok"), ("alice@example.org", "LOGIN", "ok")])
+                         [(ALICE, "PLAIN", "ok"), (ALICE, "LOGIN", "ok")])
 
     def test_login_with_initial_response_and_pipelined_mail(self):
         client = self.connect()
@@ -158,7 +159,8 @@ class AuthTests(SubmissionFixture, TestCase):
         self.assertEqual(client.replies(), [])
         self.clock.advance(0.1)
         self.assertReplies(client.replies(), ["535 5.7.8"])
-        self.assertEqual(client.command(f"AUTH PLAIN {b64(chr(0) + 'alice@example.org' + chr(0) + 'other')}"), [])
+        other = b64("\0alice@example.org\0other")
+        self.assertEqual(client.command(f"AUTH PLAIN {other}"), [])
         self.clock.advance(3.9)
         self.assertEqual(client.replies(), [])
         self.clock.advance(0.1)
@@ -177,7 +179,7 @@ class AuthTests(SubmissionFixture, TestCase):
         client.command("EHLO c")
         replies = []
         for n in range(3):
-            client.command(f"AUTH PLAIN {b64(chr(0) + 'alice@example.org' + chr(0) + f'w{n}')}")
+            client.command(f"AUTH PLAIN {b64(f'{chr(0)}{ALICE}{chr(0)}w{n}')}")
             self.clock.advance(20)
             replies += client.replies()
         self.assertReplies(replies, ["535 5.7.8", "535 5.7.8", "535 5.7.8", "421 4.7.0"])
@@ -245,8 +247,8 @@ class RateLimitTests(SubmissionFixture, TestCase):
         self.clock.advance(1800)  # the first message's two recipients leave the window
         client = self.logged_in()
         replies = client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\n"
-                              b"RCPT TO:<carol@example.net>\r\nRCPT TO:<postmaster@example.net>\r\n"
-                              b"RCPT TO:<bob@example.org>\r\n")
+                              b"RCPT TO:<carol@example.net>\r\n"
+                              b"RCPT TO:<postmaster@example.net>\r\nRCPT TO:<bob@example.org>\r\n")
         self.assertReplies(replies, ["250", "250", "250", "250", "450 4.7.1"])
 
 
