@@ -4,6 +4,12 @@
     popgate user del NAME | user passwd NAME [--password-stdin] | user list
     popgate config check
     popgate tls selfsigned --hostname NAME [--cert FILE] [--key FILE]
+    popgate queue list | queue flush | queue remove ID
+
+The queue commands work on ``<data_dir>/queue/`` while the server runs: ``flush`` leaves
+a flag file that the server's queue runner takes within its scan interval (10 s) and
+then tries every message at once; ``remove`` deletes a message's files under the queue
+lock (no bounce is sent).
 
 It edits the same passwd-file the server reads (the server sees changes without a
 restart).  Errors are one line on stderr and exit status 1 (2 for usage errors).
@@ -15,6 +21,7 @@ import argparse
 import getpass
 import os
 import sys
+import time
 
 from popgate import __version__
 from popgate import config as configuration
@@ -28,6 +35,7 @@ from popgate.auth.users import (
     hash_password,
     split_scheme,
 )
+from popgate.relay.queue import Queue
 
 
 class CommandError(Exception):
@@ -84,6 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     check = conf.add_parser("check", parents=[common],
                             help="validate and print the effective configuration")
     check.set_defaults(run=_config_check)
+
+    queue = groups.add_parser("queue", help="the outbound queue").add_subparsers(
+        title="queue commands")
+    queue_list = queue.add_parser("list", parents=[common], help="list queued messages")
+    queue_list.set_defaults(run=_queue_list)
+    flush = queue.add_parser("flush", parents=[common], help="retry every message now")
+    flush.set_defaults(run=_queue_flush)
+    remove = queue.add_parser("remove", parents=[common], help="remove a message (no bounce)")
+    remove.add_argument("id")
+    remove.set_defaults(run=_queue_remove)
 
     tls = groups.add_parser("tls", help="certificates").add_subparsers(title="tls commands")
     selfsigned = tls.add_parser("selfsigned", parents=[common],
@@ -156,6 +174,52 @@ def _config_check(args) -> None:
     if not config.server.postmaster:
         print("# note: server.postmaster is unset: postmaster@<domain> is delivered only "
               "where a user postmaster@<domain> exists", file=sys.stderr)
+
+
+def _queue(args) -> Queue:
+    return Queue(_load(args).queue_dir)
+
+
+def _age(seconds: float) -> str:
+    minutes = int(max(seconds, 0) // 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _queue_list(args) -> None:
+    """One tab-separated line per message: id, age, sender, recipients (with their
+    state), attempts, last error."""
+    now = time.time()
+    envelopes = list(_queue(args).envelopes())
+    print("ID\tAGE\tSENDER\tRECIPIENTS\tATTEMPTS\tLAST ERROR")
+    for e in envelopes:
+        recipients = ",".join(f"{r.address}({r.state})" for r in e.recipients)
+        print(f"{e.id}\t{_age(now - e.created)}\t{e.sender}\t{recipients}\t{e.attempts}\t"
+              f"{e.last_error or '-'}")
+    print(f"{len(envelopes)} message{'' if len(envelopes) == 1 else 's'} queued",
+          file=sys.stderr)
+
+
+def _queue_flush(args) -> None:
+    try:
+        _queue(args).request_flush()
+    except OSError as e:
+        raise CommandError(f"cannot request a flush: {e}") from None
+    print("flush requested: the server tries every queued message within 10 seconds")
+
+
+def _queue_remove(args) -> None:
+    if "/" in args.id or args.id.startswith("."):
+        raise CommandError(f"not a queue id: {args.id}")
+    try:
+        removed = _queue(args).remove(args.id)
+    except OSError as e:
+        raise CommandError(f"cannot remove {args.id}: {e}") from None
+    if not removed:
+        raise CommandError(f"no queued message {args.id}")
+    print(f"removed {args.id}")
 
 
 def _tls_selfsigned(args) -> None:

@@ -24,6 +24,7 @@ import signal
 import smtplib
 import socket
 import ssl
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from twisted.internet import defer, reactor, task, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.certs import make_test_pki
-from tests.harness import read_reply, run_client, spawn_twistd, start_twistd
+from tests.harness import child_env, read_reply, run_client, spawn_twistd, start_twistd
 from tests.smtpsink import Sink
 
 ALICE, BOB, PASSWORD = "alice@example.org", "bob@example.org", "pw"
@@ -304,6 +305,75 @@ class PostfixSmarthostTests(TestCase):
                 break
             yield sleep(0.1)
         self.assertEqual([n for n in os.listdir(queue) if n.endswith((".env", ".msg"))], [])
+
+
+class QueueCommandTests(TestCase):
+    """``popgate queue list|flush|remove`` while the server runs, on the same files."""
+
+    timeout = 120
+
+    @defer.inlineCallbacks
+    def test_list_flush_and_remove_while_the_server_runs(self):
+        sink = Sink(data_replies=["451 4.3.0 not now"])
+        sink_port = yield sink.listen()
+        self.addCleanup(sink.stop)
+        self.server = server = yield start_twistd(self, users=USERS, settings={
+            "relay": {"mode": "smarthost", "smarthost": f"127.0.0.1:{sink_port}",
+                      "smarthost_tls": "none"}})
+        first = yield self.submit("first")
+        yield self.until(lambda: b"451 4.3.0 not now" in self.envelopes())
+        out, err, code = yield self.cli("list")
+        self.assertEqual(code, 0, err)
+        [line] = out.decode().splitlines()[1:]
+        fields = line.split("\t")
+        self.assertEqual([fields[0], *fields[2:]],
+                         [first, ALICE, "far@remote.example(queued)", "1", "451 4.3.0 not now"])
+        out, err, code = yield self.cli("flush")
+        self.assertEqual(code, 0, err)
+        yield self.until(lambda: not self.envelopes())
+        self.assertEqual(len(sink.messages), 1, "sent at the flush, not an hour later")
+        sink.data_replies.append("451 4.3.0 not now")
+        second = yield self.submit("second")
+        yield self.until(lambda: b"451" in self.envelopes())
+        out, err, code = yield self.cli("remove", second)
+        self.assertEqual((code, out), (0, f"removed {second}\n".encode()))
+        self.assertEqual(self.envelopes(), b"")
+        queue = os.path.join(server.data_dir, "queue")
+        self.assertFalse([n for n in os.listdir(queue) if n.endswith((".msg", ".env"))])
+
+    def submit(self, subject):
+        return threads.deferToThread(self._send_and_id, subject)
+
+    def _send_and_id(self, subject):
+        with smtplib.SMTP("127.0.0.1", self.server.port("SUBMISSION"), timeout=TIMEOUT) as c:
+            c.login(ALICE, PASSWORD)
+            c.mail(ALICE)
+            c.rcpt("far@remote.example")
+            code, reply = c.data(f"Subject: {subject}\r\n\r\nx\r\n".encode())
+            assert code == 250, reply
+            return reply.decode().rsplit(" ", 1)[1]
+
+    def envelopes(self) -> bytes:
+        queue = os.path.join(self.server.data_dir, "queue")
+        data = b""
+        for name in sorted(os.listdir(queue)) if os.path.isdir(queue) else ():
+            if name.endswith(".env"):
+                with contextlib.suppress(FileNotFoundError), open(
+                        os.path.join(queue, name), "rb") as f:
+                    data += f.read()
+        return data
+
+    @defer.inlineCallbacks
+    def until(self, condition, seconds=30.0):
+        for _ in range(int(seconds * 10)):
+            if condition():
+                return
+            yield sleep(0.1)
+        self.fail("condition not met in time: " + self.server.log.decode()[-3000:])
+
+    def cli(self, *args):
+        return run_client([sys.executable, "-m", "popgate.cli", "--config",
+                           self.server.config_path, "queue", *args], env=child_env())
 
 
 class CrashTests(TestCase):

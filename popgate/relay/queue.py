@@ -180,6 +180,8 @@ class Queue:
 
     def remove(self, message_id: str) -> bool:
         """Remove a message (envelope first: without it the message does not exist)."""
+        if not os.path.isdir(self.directory):
+            return False
         with self.locked():
             found = False
             for path in (self.envelope_path(message_id), self.message_path(message_id)):
