@@ -268,6 +268,10 @@ class RecipientTests(SubmissionFixture, TestCase):
         message_id = replies[-1].rsplit(" ", 1)[1]
         self.assertEqual(self.queue_files(), [f"{message_id}.env", f"{message_id}.msg"])
         self.assertEqual(self.queued, [message_id], "the runner is told at once")
+        [event] = self.recorder.of("message", action="queued")
+        self.assertEqual((event.data["id"], event.data["recipients"]),
+                         (message_id, ("someone@elsewhere.example",)))
+        self.assertEqual(self.recorder.of("message", action="delivered"), [])
         with open(self.queue.envelope_path(message_id), "rb") as f:
             envelope = json.load(f)
         self.assertEqual((envelope["sender"], envelope["user"], envelope["recipients"]),

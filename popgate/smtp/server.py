@@ -645,11 +645,13 @@ class SMTPServer(LineSession):
             return
         self.session.messages += 1
         arrival = transaction.arrival
-        self.events.publish(
-            "message", self.info, action="delivered", id=transaction.id,
-            sender=arrival.sender, recipients=tuple(r.address for r in recipients),
-            users=tuple(u.name for u in transaction.users), octets=transaction.stored_octets,
-            list_octets=transaction.list_octets, tls=arrival.tls)
+        if transaction.users:  # else only queued for relay (submission publishes that)
+            self.events.publish(
+                "message", self.info, action="delivered", id=transaction.id,
+                sender=arrival.sender, recipients=tuple(r.address for r in recipients),
+                users=tuple(u.name for u in transaction.users),
+                octets=transaction.stored_octets, list_octets=transaction.list_octets,
+                tls=arrival.tls)
         self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
     def _not_delivered(self, failure, transaction, recipients) -> None:

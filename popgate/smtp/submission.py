@@ -98,6 +98,10 @@ class SubmittedTransaction:
         return self._queued is not None
 
     @property
+    def queued_octets(self) -> int:
+        return self._queued.size
+
+    @property
     def users(self):
         return self._local.users if self._local is not None else []
 
@@ -363,6 +367,11 @@ class SubmissionServer(SMTPServer):
         if refusal is None:
             self.factory.sending_limit.record(self.session.user, len(recipients))
             if isinstance(transaction, SubmittedTransaction) and transaction.queued:
+                self.events.publish(
+                    "message", self.info, action="queued", id=transaction.id,
+                    sender=transaction.arrival.sender,
+                    recipients=tuple(r.address for r in recipients if not r.users),
+                    octets=transaction.queued_octets)
                 self.factory.on_queued(transaction.id)
         super()._delivered(refusal, transaction, recipients)
 
