@@ -30,7 +30,8 @@ the protocol's classes.  The kinds and their data:
     ``action``: ``delivered`` (``id``, ``sender``, ``recipients``, ``users``, ``octets``
     as stored with LF line ends, ``list_octets`` as POP3's LIST reports them with CRLF,
     ``tls``), ``queued`` (submission: ``id``, ``sender``, ``recipients`` queued for the
-    smarthost, ``octets`` as queued), ``retrieved`` / ``topped`` (``number``, ``uidl``, ``octets``), ``deleted``
+    smarthost, ``octets`` as queued), ``retrieved`` / ``topped`` (``number``, ``uidl``,
+    ``octets``), ``deleted``
     (``number``, ``uidl``, ``octets``: marked by DELE), ``undeleted`` (RSET), ``removed``
     (the UPDATE state removed the marked messages: ``count``, ``octets``).
 ``refused``

@@ -248,7 +248,7 @@ def makeService(config: Config, reactor=None) -> MultiService:
     # Submission: the same users, checker, penalties and bound per address as POP3.
     queue = runner = None
     if config.relay.enabled:
-        queue = Queue(config.queue_dir)
+        queue = Queue(config.queue_dir, node=config.hostname)
         runner = _queue_runner(config, reactor, queue, run_in_thread, deliverer, users)
         runner.setServiceParent(top)
     submission = partial(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email
 import io
 import os
+import time
 from functools import partial
 
 from twisted.internet import defer, reactor, ssl, task
@@ -58,13 +59,19 @@ class QueueFileTests(TestCase):
             self.assertEqual(os.stat(os.path.join(self.queue.directory, name)).st_mode & 0o777,
                              0o640)
 
-    def test_clean_removes_what_a_crash_before_250_left(self):
+    def test_what_a_crash_before_250_left_is_removed_and_other_nodes_files_are_not(self):
         queue_message(self.queue, ["x@remote.test"])
         unfinished = self.queue.new_message(Envelope("MSG2", SENDER, SENDER, []))
         unfinished.write(b"half")
+        other_node = Queue(self.queue.directory, node="node2")
+        other_node.new_message(Envelope("MSG4", SENDER, SENDER, [])).write(b"in progress")
+        self.assertEqual(self.queue.clean_tmp(), 1)
+        self.assertEqual(os.listdir(os.path.join(self.queue.directory, "tmp")),
+                         ["node2.MSG4.msg"])
         with open(self.queue.message_path("MSG3"), "wb") as f:
             f.write(b"renamed, but no envelope yet")
-        self.assertEqual(self.queue.clean(), 2)
+        self.assertEqual(self.queue.remove_orphans(), 0, "maybe a commit in progress")
+        self.assertEqual(self.queue.remove_orphans(time.time() + 61), 1)
         self.assertEqual(self.queue.ids(), ["MSG1"])
         self.assertEqual(sorted(os.listdir(self.queue.directory)),
                          ["MSG1.env", "MSG1.msg", "tmp"])

@@ -17,14 +17,18 @@ One message is two files named by its id (the id its ``250`` named):
     A recipient's ``state`` is ``queued`` (to be tried), ``sent`` (the smarthost answered
     2xx: never sent again) or ``failed`` (5xx, or out of time: in the bounce).
 
-Durability: the message is written to ``tmp/ID.msg``; :meth:`Incoming.commit` fsyncs it,
-renames it to ``ID.msg``, writes ``ID.env`` atomically (temporary file, fsync, rename) and
-fsyncs the queue directory, all before the ``250``.  A message exists once its ``.env``
-does; a ``.msg`` without one (a crash before the ``250``) and ``tmp/`` are removed by
-:meth:`Queue.clean` at start.  State changes rewrite ``ID.env`` atomically under the
-queue's ``lock`` file (``flock``), which the ``popgate queue`` command takes too, so
-that a removal never races with a state update.  ``flush`` (a file) asks the runner to
-try every message now.
+Durability: the message is written to ``tmp/NODE.ID.msg``; :meth:`Incoming.commit` fsyncs
+it, renames it to ``ID.msg``, writes ``ID.env`` atomically (temporary file, fsync, rename)
+and fsyncs the queue directory, all before the ``250``.  A message exists once its
+``.env`` does.  Leftovers of a crash before the ``250`` are removed: this node's own
+``tmp/`` files at start (:meth:`Queue.clean_tmp`; the name says whose they are, since
+several nodes may share the data directory), and a ``.msg`` without an ``.env`` once it
+is :data:`ORPHAN_AGE` seconds old (:meth:`Queue.remove_orphans`, on every scan of the
+runner; younger ones may be another node's commit in progress).
+
+State changes rewrite ``ID.env`` atomically under the queue's ``lock`` file (``flock``),
+which the ``popgate queue`` command takes too, so that a removal never races with a
+state update. ``flush`` (a file) asks the runner to try every message now.
 
 Everything here blocks on the disk: the server calls it from threads.  No Twisted.
 """
@@ -42,6 +46,7 @@ from dataclasses import asdict, dataclass, field
 from popgate.fileio import fsync_directory, write_atomically
 
 QUEUED, SENT, FAILED = "queued", "sent", "failed"
+ORPHAN_AGE = 60.0  # seconds: far longer than the rename-to-envelope step of a commit
 _FLUSH = "flush"
 
 
@@ -87,7 +92,8 @@ class Incoming:
     def __init__(self, queue: Queue, envelope: Envelope):
         self.queue = queue
         self.envelope = envelope
-        self.tmp_path = os.path.join(queue.directory, "tmp", envelope.id + ".msg")
+        self.tmp_path = os.path.join(queue.directory, "tmp",
+                                     f"{queue.node}.{envelope.id}.msg")
         self._file = open(self.tmp_path, "xb")  # noqa: SIM115 - closed by commit/abort
         os.fchmod(self._file.fileno(), 0o640)
         self.size = 0
@@ -117,10 +123,12 @@ class Incoming:
 
 
 class Queue:
-    """The queue directory; every method blocks on the disk."""
+    """The queue directory; every method blocks on the disk.  ``node`` names this
+    process's ``tmp/`` files (the host name)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, node: str = "local"):
         self.directory = directory
+        self.node = node
 
     def prepare(self) -> None:
         os.makedirs(os.path.join(self.directory, "tmp"), mode=0o750, exist_ok=True)
@@ -205,18 +213,35 @@ class Queue:
             return False
         return True
 
-    def clean(self) -> int:
-        """At start: remove ``tmp/`` files and messages without an envelope (a crash
+    def clean_tmp(self) -> int:
+        """At start: remove this node's ``tmp/`` files (messages a crash interrupted
         before their ``250``); how many were removed."""
         self.prepare()
-        removed = 0
         tmp = os.path.join(self.directory, "tmp")
+        removed = 0
         for name in os.listdir(tmp):
-            os.unlink(os.path.join(tmp, name))
-            removed += 1
-        queued = set(self.ids())
-        for name in os.listdir(self.directory):
-            if (name.endswith(".msg") and name[:-4] not in queued) or name.startswith(".tmp-"):
-                os.unlink(os.path.join(self.directory, name))
-                removed += 1
+            if name.startswith(self.node + "."):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(tmp, name))
+                    removed += 1
+        return removed
+
+    def remove_orphans(self, now: float | None = None, max_age: float = ORPHAN_AGE) -> int:
+        """Remove messages without an envelope (a crash between the two renames of a
+        commit, before the ``250``) and stale temporary envelopes, once ``max_age`` old."""
+        now = time.time() if now is None else now
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return 0
+        queued = {n[:-4] for n in names if n.endswith(".env")}
+        removed = 0
+        for name in names:
+            orphan = name.endswith(".msg") and name[:-4] not in queued
+            if orphan or name.startswith(".tmp-"):
+                path = os.path.join(self.directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if now - os.stat(path).st_mtime > max_age:
+                        os.unlink(path)
+                        removed += 1
         return removed

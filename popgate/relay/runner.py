@@ -71,7 +71,7 @@ class QueueRunner(Service):
 
     def startService(self) -> None:
         super().startService()
-        removed = self.queue.clean()  # blocking, once, at start (like StorageService)
+        removed = self.queue.clean_tmp()  # blocking, once, at start (like StorageService)
         if removed:
             log.info("removed {n} unfinished queue files", n=removed)
         self._loop = task.LoopingCall(self.scan)
@@ -197,6 +197,7 @@ class QueueRunner(Service):
 
 def _due(queue: Queue, now: float) -> list[str]:
     """In a thread: ids of the messages due now (every one after a flush request)."""
+    queue.remove_orphans(now)
     flush = queue.take_flush_request()
     return [e.id for e in queue.envelopes() if flush or e.next_try <= now]
 
