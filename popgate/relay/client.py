@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from twisted.internet import defer, endpoints, ssl
+from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineOnlyReceiver
 
 from popgate.codec import DotEncoder
@@ -280,6 +281,18 @@ class _Session(LineOnlyReceiver):
         self._finish()
 
 
+class _OneSession(Factory):
+    """connectProtocol's factory, without a "Starting factory" log line per message."""
+
+    noisy = False
+
+    def __init__(self, session: _Session):
+        self.session = session
+
+    def buildProtocol(self, addr) -> _Session:
+        return self.session
+
+
 def deliver(reactor, smarthost: Smarthost, sender: str, recipients: list[str],
             message: bytes) -> defer.Deferred:
     """One session with the smarthost; fires with the results (see the module docstring)
@@ -287,7 +300,7 @@ def deliver(reactor, smarthost: Smarthost, sender: str, recipients: list[str],
     endpoint = endpoints.HostnameEndpoint(reactor, smarthost.host, smarthost.port,
                                           timeout=CONNECT_TIMEOUT)
     session = _Session(smarthost, sender, recipients, message, reactor)
-    connecting = endpoints.connectProtocol(endpoint, session)
+    connecting = endpoint.connect(_OneSession(session))
 
     def not_connected(failure):
         raise SmarthostError(f"cannot connect to {smarthost.host}:{smarthost.port}: "
