@@ -14,7 +14,10 @@ import time
 from functools import partial
 
 from twisted.internet import defer, reactor, ssl, task
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
 from twisted.mail import smtp as twisted_smtp
+from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from popgate.auth.users import UserDB, UserFile, hash_password
@@ -357,3 +360,53 @@ class DSNTests(TestCase):
         self.assertEqual(dsn.status_of("550 5.1.1 no such user"), "5.1.1")
         self.assertEqual(dsn.status_of("554 rejected"), "5.0.0")
         self.assertEqual(dsn.status_of("4.4.7 delivery time expired"), "4.4.7")
+
+
+class ClientTranscriptTests(TestCase):
+    """The smarthost client over a StringTransport: timeouts and odd replies."""
+
+    def session(self):
+        self.clock = task.Clock()
+        smarthost = Smarthost("smarthost.test", 25, tls="none", helo="mx.test")
+        session = client._Session(smarthost, SENDER, ["a@remote.test", "b@remote.test"],
+                                  b"Subject: x\n\nbody\n", self.clock)
+        self.transport = StringTransport()
+        session.makeConnection(self.transport)
+        return session
+
+    def test_a_silent_smarthost_times_out(self):
+        session = self.session()
+        self.clock.advance(client.REPLY_TIMEOUT - 0.1)
+        self.assertNoResult(session.done)
+        self.clock.advance(0.1)
+        self.assertEqual(str(self.failureResultOf(session.done, client.SmarthostError).value),
+                         "timeout")
+
+    def test_multi_line_replies_and_one_answer_per_recipient_without_pipelining(self):
+        session = self.session()
+        session.dataReceived(b"220-smarthost.test\r\n220-second line\r\n220 ready\r\n")
+        self.assertEqual(self.transport.value(), b"EHLO mx.test\r\n")
+        self.transport.clear()
+        session.dataReceived(b"250-smarthost.test\r\n250-SIZE 1000\r\n250 8BITMIME\r\n")
+        self.assertEqual(self.transport.value(), b"MAIL FROM:<alice@example.org>\r\n",
+                         "no PIPELINING: one command at a time")
+        self.transport.clear()
+        session.dataReceived(b"250 2.1.0 ok\r\n")
+        self.assertEqual(self.transport.value(), b"RCPT TO:<a@remote.test>\r\n")
+        session.dataReceived(b"550-5.1.1 no such\r\n550 5.1.1 user\r\n250 2.1.5 ok\r\n")
+        self.transport.clear()
+        session.dataReceived(b"354 go\r\n")
+        self.assertEqual(self.transport.value(), b"Subject: x\r\n\r\nbody\r\n.\r\n")
+        self.transport.clear()
+        session.dataReceived(b"250 2.0.0 queued\r\n")
+        self.assertEqual(self.transport.value(), b"QUIT\r\n")
+        session.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.successResultOf(session.done), {
+            "a@remote.test": (550, "550 5.1.1 no such 5.1.1 user"),
+            "b@remote.test": (250, "250 2.0.0 queued")})
+
+    def test_a_malformed_reply_ends_the_session(self):
+        session = self.session()
+        session.dataReceived(b"hello there\r\n")
+        self.assertIn("malformed reply",
+                      str(self.failureResultOf(session.done, client.SmarthostError).value))

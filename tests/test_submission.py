@@ -139,6 +139,13 @@ class AuthTests(SubmissionFixture, TestCase):
                               "MAIL FROM:<alice@example.org>\r\n".encode())
         self.assertReplies(replies, ["250", "334 UGFzc3dvcmQ6", "235 2.7.0", "250 2.1.0"])
 
+    def test_an_over_long_response_ends_the_exchange(self):
+        client = self.connect()
+        client.command("EHLO c")
+        self.assertEqual(client.command("AUTH LOGIN"), ["334 VXNlcm5hbWU6"])
+        self.assertReplies(client.command("x" * 600), ["500 5.5.2"])
+        self.assertReplies(client.command("NOOP"), ["250"], "a command again, not a response")
+
     def test_cancel_bad_base64_and_unknown_mechanism(self):
         client = self.connect()
         client.command("EHLO c")
@@ -284,6 +291,17 @@ class RecipientTests(SubmissionFixture, TestCase):
         self.assertIn(b"with ESMTPA id " + message_id.encode(), content.replace(b"\n\t", b" "))
         self.assertTrue(content.endswith(b"\nSubject: hi\n\nHello.\n"), content)
         self.assertEqual(os.listdir(os.path.join(self.queue.directory, "tmp")), [])
+
+    def test_bdat_to_a_remote_recipient(self):
+        self.make_factory(relay=True)
+        client = self.logged_in()
+        replies = client.send(b"MAIL FROM:<alice@example.org>\r\n"
+                              b"RCPT TO:<x@elsewhere.example>\r\nBDAT 9\r\nSubject: "
+                              b"BDAT 6 LAST\r\nhi\r\n\r\n")
+        self.assertReplies(replies, ["250", "250", "250 2.0.0 9 octets", "250 2.0.0 Ok: queued"])
+        message_id = replies[-1].rsplit(" ", 1)[1]
+        content = self.queue.read_message(message_id)
+        self.assertTrue(content.endswith(b"\nSubject: hi\n\n"), content)
 
     def test_local_and_remote_recipients_are_both_durable(self):
         self.make_factory(relay=True)

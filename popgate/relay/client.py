@@ -27,7 +27,8 @@ refused recipient, the end-of-data answer for an accepted one (or ``MAIL``'s or
 before that (no connection, a bad certificate, a ``4xx``/``5xx`` greeting, a failed
 AUTH, a timeout) fails it with :class:`SmarthostError`, which the runner treats as
 temporary for every recipient: a misconfigured relay must not bounce the users' mail.
-Every reply has :data:`REPLY_TIMEOUT` seconds.  Reactor thread only.
+Every reply has :data:`REPLY_TIMEOUT` seconds, the end of data
+:data:`END_OF_DATA_TIMEOUT`.  Reactor thread only.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 from popgate.codec import DotEncoder
 
 REPLY_TIMEOUT = 300.0  # RFC 5321 §4.5.3.2: the longest a client waits for most replies
+END_OF_DATA_TIMEOUT = 600.0  # RFC 5321 §4.5.3.2.6
 CONNECT_TIMEOUT = 30.0
 QUIT_GRACE = 10.0  # seconds the smarthost has to close the connection after QUIT
 MAX_REPLY_LINES = 100
@@ -126,10 +128,12 @@ class _Session(LineOnlyReceiver):
             self._timer.cancel()
         self._timer = None
 
-    def _await(self, handler) -> None:
-        self._expect.append(handler)
+    def _await(self, handler, timeout: float = REPLY_TIMEOUT) -> None:
+        """Send the next reply to ``handler``; the reply at the head of the line has
+        its ``timeout`` (the timer starts when it becomes the one awaited)."""
+        self._expect.append((handler, timeout))
         if self._timer is None:
-            self._timer = self.clock.callLater(REPLY_TIMEOUT, self._fail, "timeout")
+            self._timer = self.clock.callLater(timeout, self._fail, "timeout")
 
     # -- replies -------------------------------------------------------------------------
 
@@ -149,9 +153,9 @@ class _Session(LineOnlyReceiver):
             self._fail(f"unexpected reply {text[:100]!r}")
             return
         self._stop_timer()
-        handler = self._expect.popleft()
+        handler, _ = self._expect.popleft()
         if self._expect:
-            self._timer = self.clock.callLater(REPLY_TIMEOUT, self._fail, "timeout")
+            self._timer = self.clock.callLater(self._expect[0][1], self._fail, "timeout")
         handler(code, [line[4:] for line in lines])
 
     def lineLengthExceeded(self, line: bytes) -> None:
@@ -273,7 +277,7 @@ class _Session(LineOnlyReceiver):
             return
         encoder = DotEncoder()
         self.transport.write(encoder.encode(self.message) + encoder.finish())
-        self._await(self._end_of_data_reply)
+        self._await(self._end_of_data_reply, END_OF_DATA_TIMEOUT)
 
     def _end_of_data_reply(self, code: int, lines: list[str]) -> None:
         for recipient in self._accepted:

@@ -136,10 +136,11 @@ class QueueRunner(Service):
         if pending:
             try:
                 results = await self.send(envelope.sender, pending, message)
-            except Exception as e:  # noqa: BLE001 - every session failure is retried
-                reason = str(e) if isinstance(e, SmarthostError) else repr(e)
-                results = None
-                envelope.last_error = reason
+            except SmarthostError as e:
+                envelope.last_error = str(e)
+            except Exception as e:  # noqa: BLE001 - a bug: logged, and retried like the rest
+                log.failure("{id}: relay attempt failed", Failure(), id=envelope.id)
+                envelope.last_error = f"internal error: {e!r}"
             else:
                 self._record(envelope, results)
         now = self.clock.seconds()
@@ -190,6 +191,9 @@ class QueueRunner(Service):
                             smarthost=self.smarthost, now=self.clock.seconds())
         try:
             await self.deliver_bounce(envelope.user, report)
+        except (LookupError, OSError) as e:  # the user is gone, their Maildir unwritable
+            log.error("{id}: bounce to {user} dropped: {error}", id=envelope.id,
+                      user=envelope.user, error=e)
         except Exception:  # noqa: BLE001 - the bounce is dropped, never queued
             log.failure("{id}: cannot deliver the bounce to {user}", Failure(),
                         id=envelope.id, user=envelope.user)

@@ -213,6 +213,10 @@ class SubmissionServer(SMTPServer):
         except SMTPCommandError as e:
             self._refuse(e)
 
+    def _refuse(self, error: SMTPCommandError) -> None:
+        self._sasl = None  # any refusal (an over-long line too) ends a SASL exchange
+        super()._refuse(error)
+
     def smtp_AUTH(self, argument: str) -> None:
         if self.session.helo is None or not self.session.esmtp:
             raise SMTPCommandError(503, "5.5.1", "Error: send EHLO first")
