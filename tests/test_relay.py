@@ -244,12 +244,14 @@ class RunnerTests(RelayFixture, TestCase):
         # One error for the message: which recipient may be retried is lost.
         self.assertNotIn("451", str(failure.resp))
         self.assertNotIn("550", str(failure.resp))
+        self.assertEqual(sink.pipelined, [False], "and it waits for each reply")
         # Ours gives each recipient its own answer.
         results = yield client.deliver(reactor, Smarthost("127.0.0.1", port, tls="none"),
                                        SENDER, ["later@remote.test", "bad@remote.test"],
                                        CONTENT)
         self.assertEqual(results, {"later@remote.test": (451, "451 4.2.1 mailbox busy"),
                                    "bad@remote.test": (550, "550 5.1.1 no such user")})
+        self.assertEqual(sink.pipelined, [False, True])
 
     @defer.inlineCallbacks
     def test_an_unreachable_smarthost_is_retried_until_max_queue_time_then_bounced(self):
@@ -284,6 +286,19 @@ class RunnerTests(RelayFixture, TestCase):
         yield self.run_due()
         self.assertEqual([m.recipients for m in sink.messages], [["todo@remote.test"]])
         self.assertEqual(self.queue.ids(), [])
+
+    @defer.inlineCallbacks
+    def test_a_message_another_node_is_relaying_is_left_to_it(self):
+        sink = Sink()
+        yield self.start(sink)
+        queue_message(self.queue, ["x@remote.test"])
+        other_node = Queue(self.queue.directory, node="node2").try_lock("MSG1")
+        yield self.run_due()
+        self.assertEqual((sink.sessions, self.queue.load("MSG1").attempts), ([], 0))
+        Queue.unlock(other_node)
+        yield self.run_due()
+        self.assertEqual(len(sink.messages), 1)
+        self.assertEqual(sorted(os.listdir(self.queue.directory)), ["lock", "tmp"])
 
     @defer.inlineCallbacks
     def test_flush_request_makes_every_message_due(self):

@@ -28,7 +28,9 @@ runner; younger ones may be another node's commit in progress).
 
 State changes rewrite ``ID.env`` atomically under the queue's ``lock`` file (``flock``),
 which the ``popgate queue`` command takes too, so that a removal never races with a
-state update. ``flush`` (a file) asks the runner to try every message now.
+state update. ``flush`` (a file) asks the runner to try every message now.  A runner
+holds ``ID.lock`` (a non-blocking ``flock``) while it relays the message, so that runners
+of several nodes sharing the directory never relay one message at the same time.
 
 Everything here blocks on the disk: the server calls it from threads.  No Twisted.
 """
@@ -158,6 +160,24 @@ class Queue:
         except FileNotFoundError:
             return None
 
+    def lock_path(self, message_id: str) -> str:
+        return os.path.join(self.directory, message_id + ".lock")
+
+    def try_lock(self, message_id: str) -> int | None:
+        """Take the message's relay lock: a file descriptor to pass to :meth:`unlock`, or
+        None while another runner (another node) holds it."""
+        fd = os.open(self.lock_path(message_id), os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    @staticmethod
+    def unlock(fd: int) -> None:
+        os.close(fd)
+
     def envelopes(self) -> Iterator[Envelope]:
         for message_id in self.ids():
             envelope = self.load(message_id)
@@ -196,6 +216,8 @@ class Queue:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
                     found = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path(message_id))
             if found:
                 fsync_directory(self.directory)
             return found
@@ -237,7 +259,7 @@ class Queue:
         queued = {n[:-4] for n in names if n.endswith(".env")}
         removed = 0
         for name in names:
-            orphan = name.endswith(".msg") and name[:-4] not in queued
+            orphan = name.endswith((".msg", ".lock")) and name.rpartition(".")[0] not in queued
             if orphan or name.startswith(".tmp-"):
                 path = os.path.join(self.directory, name)
                 with contextlib.suppress(FileNotFoundError):

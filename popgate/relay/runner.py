@@ -18,6 +18,9 @@ When no recipient is left queued, a delivery status notification for the failed 
 ``deliver_bounce(user, message) -> Deferred``, and the message's files are removed.
 
 Concurrency: reactor thread; queue files are read and written through ``run_in_thread``.
+Several nodes may share the queue directory: an attempt holds the message's ``flock``
+(:meth:`~popgate.relay.queue.Queue.try_lock`), and a message another runner holds is
+skipped until its next scan.
 """
 
 from __future__ import annotations
@@ -128,6 +131,15 @@ class QueueRunner(Service):
     # -- one attempt -------------------------------------------------------------------
 
     async def _attempt(self, message_id: str) -> None:
+        lock = await self.run_in_thread(self.queue.try_lock, message_id)
+        if lock is None:
+            return  # another node's runner is relaying it
+        try:
+            await self._attempt_locked(message_id)
+        finally:
+            self.queue.unlock(lock)
+
+    async def _attempt_locked(self, message_id: str) -> None:
         loaded = await self.run_in_thread(_load, self.queue, message_id)
         if loaded is None:
             return  # sent meanwhile, or removed by the operator
