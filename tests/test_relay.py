@@ -301,6 +301,18 @@ class RunnerTests(RelayFixture, TestCase):
         self.assertEqual(sorted(os.listdir(self.queue.directory)), ["lock", "tmp"])
 
     @defer.inlineCallbacks
+    def test_stopping_waits_for_the_session_under_way_to_be_recorded(self):
+        sink = Sink()
+        yield self.start(sink)
+        queue_message(self.queue, ["x@remote.test"])
+        self.runner.startService()
+        stopped = self.runner.stopService()
+        self.assertIsNotNone(stopped, "a session is under way")
+        yield stopped
+        self.assertEqual(len(sink.messages), 1)
+        self.assertEqual(self.queue.ids(), [], "its 250 was recorded before the stop")
+
+    @defer.inlineCallbacks
     def test_flush_request_makes_every_message_due(self):
         sink = Sink(data_replies=["451 4.3.0 later"])
         yield self.start(sink)

@@ -39,6 +39,7 @@ from popgate.relay.queue import FAILED, SENT, Envelope, Queue
 
 BACKOFF = (60.0, 300.0, 900.0, 3600.0)  # after the 1st, 2nd, 3rd, later attempts
 SCAN_INTERVAL = 10.0
+STOP_GRACE = 10.0  # seconds a stopping server waits for the smarthost sessions under way
 
 log = Logger()
 
@@ -71,6 +72,7 @@ class QueueRunner(Service):
         self._scanning = False
         self._loop: task.LoopingCall | None = None
         self.idle: defer.Deferred | None = None  # for tests: fires when nothing is busy
+        self._drains: list[defer.Deferred] = []  # stopService waiting for _busy to empty
 
     def startService(self) -> None:
         super().startService()
@@ -82,10 +84,18 @@ class QueueRunner(Service):
         self._loop.start(self.scan_interval, now=True).addErrback(
             lambda f: log.failure("queue runner stopped", f))
 
-    def stopService(self) -> None:
+    def stopService(self) -> defer.Deferred | None:
+        """Start nothing new; give the sessions under way up to :data:`STOP_GRACE`
+        seconds to end, so that what the smarthost accepted is recorded (a session cut
+        short only means the message is sent again after the restart)."""
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if not self._busy:
+            return None
+        drained: defer.Deferred = defer.Deferred()
+        self._drains.append(drained)
+        return drained.addTimeout(STOP_GRACE, self.clock, onTimeoutCancel=lambda *_: None)
 
     # -- finding work ----------------------------------------------------------------------
 
@@ -123,6 +133,11 @@ class QueueRunner(Service):
 
     def _attempted(self, _, message_id: str) -> None:
         self._busy.discard(message_id)
+        if not self._busy:
+            drains, self._drains = self._drains, []
+            for drained in drains:
+                if not drained.called:
+                    drained.callback(None)
         self._start_waiting()
         if not self._busy and not self._waiting and self.idle is not None:
             idle, self.idle = self.idle, None
