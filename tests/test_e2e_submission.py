@@ -307,39 +307,10 @@ class PostfixSmarthostTests(TestCase):
         self.assertEqual([n for n in os.listdir(queue) if n.endswith((".env", ".msg"))], [])
 
 
-class QueueCommandTests(TestCase):
-    """``popgate queue list|flush|remove`` while the server runs, on the same files."""
+class RelayServerMixin:
+    """Helpers for tests against a server that relays to a scripted sink."""
 
     timeout = 120
-
-    @defer.inlineCallbacks
-    def test_list_flush_and_remove_while_the_server_runs(self):
-        sink = Sink(data_replies=["451 4.3.0 not now"])
-        sink_port = yield sink.listen()
-        self.addCleanup(sink.stop)
-        self.server = server = yield start_twistd(self, users=USERS, settings={
-            "relay": {"mode": "smarthost", "smarthost": f"127.0.0.1:{sink_port}",
-                      "smarthost_tls": "none"}})
-        first = yield self.submit("first")
-        yield self.until(lambda: b"451 4.3.0 not now" in self.envelopes())
-        out, err, code = yield self.cli("list")
-        self.assertEqual(code, 0, err)
-        [line] = out.decode().splitlines()[1:]
-        fields = line.split("\t")
-        self.assertEqual([fields[0], *fields[2:]],
-                         [first, ALICE, "far@remote.example(queued)", "1", "451 4.3.0 not now"])
-        out, err, code = yield self.cli("flush")
-        self.assertEqual(code, 0, err)
-        yield self.until(lambda: not self.envelopes())
-        self.assertEqual(len(sink.messages), 1, "sent at the flush, not an hour later")
-        sink.data_replies.append("451 4.3.0 not now")
-        second = yield self.submit("second")
-        yield self.until(lambda: b"451" in self.envelopes())
-        out, err, code = yield self.cli("remove", second)
-        self.assertEqual((code, out), (0, f"removed {second}\n".encode()))
-        self.assertEqual(self.envelopes(), b"")
-        queue = os.path.join(server.data_dir, "queue")
-        self.assertFalse([n for n in os.listdir(queue) if n.endswith((".msg", ".env"))])
 
     def submit(self, subject):
         return threads.deferToThread(self._send_and_id, subject)
@@ -374,6 +345,70 @@ class QueueCommandTests(TestCase):
     def cli(self, *args):
         return run_client([sys.executable, "-m", "popgate.cli", "--config",
                            self.server.config_path, "queue", *args], env=child_env())
+
+
+class QueueCommandTests(RelayServerMixin, TestCase):
+    """``popgate queue list|flush|remove`` while the server runs, on the same files."""
+
+    @defer.inlineCallbacks
+    def test_list_flush_and_remove_while_the_server_runs(self):
+        sink = Sink(data_replies=["451 4.3.0 not now"])
+        sink_port = yield sink.listen()
+        self.addCleanup(sink.stop)
+        self.server = server = yield start_twistd(self, users=USERS, settings={
+            "relay": {"mode": "smarthost", "smarthost": f"127.0.0.1:{sink_port}",
+                      "smarthost_tls": "none"}})
+        first = yield self.submit("first")
+        yield self.until(lambda: b"451 4.3.0 not now" in self.envelopes())
+        out, err, code = yield self.cli("list")
+        self.assertEqual(code, 0, err)
+        [line] = out.decode().splitlines()[1:]
+        fields = line.split("\t")
+        self.assertEqual([fields[0], *fields[2:]],
+                         [first, ALICE, "far@remote.example(queued)", "1", "451 4.3.0 not now"])
+        out, err, code = yield self.cli("flush")
+        self.assertEqual(code, 0, err)
+        yield self.until(lambda: not self.envelopes())
+        self.assertEqual(len(sink.messages), 1, "sent at the flush, not an hour later")
+        sink.data_replies.append("451 4.3.0 not now")
+        second = yield self.submit("second")
+        yield self.until(lambda: b"451" in self.envelopes())
+        out, err, code = yield self.cli("remove", second)
+        self.assertEqual((code, out), (0, f"removed {second}\n".encode()))
+        self.assertEqual(self.envelopes(), b"")
+        queue = os.path.join(server.data_dir, "queue")
+        self.assertFalse([n for n in os.listdir(queue) if n.endswith((".msg", ".env"))])
+
+
+class BounceTests(RelayServerMixin, TestCase):
+    """The wiring: a 550 from the smarthost becomes a DSN in the sender's own Maildir."""
+
+    @defer.inlineCallbacks
+    def test_a_550_for_one_recipient_bounces_into_the_senders_maildir(self):
+        sink = Sink(rcpt={"gone@remote.example": "550 5.1.1 <gone@remote.example>: unknown"})
+        sink_port = yield sink.listen()
+        self.addCleanup(sink.stop)
+        self.server = yield start_twistd(self, users=USERS, settings={
+            "relay": {"mode": "smarthost", "smarthost": f"127.0.0.1:{sink_port}",
+                      "smarthost_tls": "none"}})
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.server.port("SUBMISSION"), timeout=TIMEOUT) as c:
+                c.login(ALICE, PASSWORD)
+                c.sendmail("alice+lists@example.org",
+                           ["far@remote.example", "gone@remote.example"],
+                           b"Subject: to two\r\nMessage-ID: <two@example.org>\r\n\r\nx\r\n")
+        yield threads.deferToThread(send)
+        yield self.until(lambda: stored(self.server, ALICE))
+        [bounce] = stored(self.server, ALICE)
+        self.assertIn(b"Return-Path: <>", bounce)
+        self.assertIn(b"Content-Type: multipart/report; report-type=delivery-status;", bounce)
+        self.assertIn(b"To: <alice+lists@example.org>", bounce)
+        self.assertIn(b"Final-Recipient: rfc822; gone@remote.example\nAction: failed\n"
+                      b"Status: 5.1.1\n", bounce)
+        self.assertIn(b"Message-ID: <two@example.org>", bounce, "the original header")
+        self.assertEqual([m.recipients for m in sink.messages], [["far@remote.example"]])
+        yield self.until(lambda: not self.envelopes())
 
 
 class CrashTests(TestCase):
