@@ -4,7 +4,11 @@ Implements RFC 5321 (SMTP) with PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME
 (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034/3463), SMTPUTF8 (RFC 6531), CHUNKING (BDAT,
 RFC 3030) and STARTTLS (RFC 3207); with ``lmtp=True`` the same machine speaks LMTP
 (RFC 2033: ``LHLO``, one reply per accepted recipient after the message).  There is no
-AUTH: popgate's SMTP only accepts mail for its local users.
+AUTH here: this receiver only accepts mail for its local users.  Authenticated
+submission (AUTH, sender policy, the outbound queue) is :mod:`popgate.smtp.submission`,
+a subclass using the hooks :meth:`SMTPServer.trace_line`, :meth:`SMTPServer.check_sender`,
+:meth:`SMTPServer.route`, :meth:`SMTPServer.arrival` and
+:meth:`SMTPServer.begin_transaction`.
 
 Wire format: command lines end with CRLF (a bare LF is tolerated) and are at most 512
 octets (RFC 5321 §4.5.3.1.4); every reply carries an enhanced status code.  Message data

@@ -24,6 +24,11 @@
   ``Received:`` says ``ESMTPSA``/``ESMTPA`` (RFC 3848) and names the user only with
   ``submission.show_auth_user``.
 
+Bounds: a SASL response is read like a command line, at most 512 octets (RFC 4954 §4
+lets a server accept up to 12288; PLAIN with an address and a password of a few hundred
+characters fits); an over-long one is refused with ``500 5.5.2`` and ends the exchange.
+The rate limit keeps one timestamped count per accepted message and user for an hour.
+
 Concurrency: reactor thread; file creation and fsync run through ``run_in_thread``.
 """
 
