@@ -301,6 +301,8 @@ class Popgate(Server):
             "max_message_size = 104857600\n"
             "[pop3]\n"
             f'listen = ["tcp:{self.ports["pop3"]}:interface={HOST}"]\n'
+            "[submission]\n"
+            "listen = []\n"
             "[limits]\n"
             "max_sessions = 5000\n"
             "max_sessions_per_ip = 5000\n"

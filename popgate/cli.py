@@ -5,6 +5,12 @@
     popgate user del NAME | user passwd NAME [--password-stdin] | user list
     popgate config check [--server-user USER] | config example
     popgate tls selfsigned --hostname NAME [--san NAME]... [--cert FILE] [--key FILE]
+    popgate queue list | queue flush | queue remove ID
+
+The queue commands work on ``<data_dir>/queue/`` while the server runs: ``flush`` leaves
+a flag file that the server's queue runner takes within its scan interval (10 s) and
+then tries every message at once; ``remove`` deletes a message's files under the queue
+lock (no bounce is sent).
 
 It edits the same passwd-file the server reads (the server sees changes without a
 restart), keeping its owner, group and mode.  Errors are one line on stderr and exit
@@ -19,6 +25,7 @@ import getpass
 import os
 import socket
 import sys
+import time
 
 from popgate import __version__, firstrun, preflight
 from popgate import config as configuration
@@ -32,6 +39,7 @@ from popgate.auth.users import (
     hash_password,
     split_scheme,
 )
+from popgate.relay.queue import Queue
 from popgate.smtp.delivery import describe_postmaster
 
 
@@ -136,6 +144,17 @@ def _parser() -> argparse.ArgumentParser:
     example = conf.add_parser("example", help="print the sample configuration: every key, "
                               "commented, with its default", **sub)
     example.set_defaults(run=_config_example)
+
+    queue = groups.add_parser("queue", help="the outbound queue", **sub).add_subparsers(
+        title="queue commands")
+    queue_list = queue.add_parser("list", help="list queued messages: id, age, sender, "
+                                  "recipients, attempts, last error", **sub)
+    queue_list.set_defaults(run=_queue_list)
+    flush = queue.add_parser("flush", help="retry every message now (within 10 s)", **sub)
+    flush.set_defaults(run=_queue_flush)
+    remove = queue.add_parser("remove", help="remove a message (no bounce is sent)", **sub)
+    remove.add_argument("id", help="the message's queue id, as queue list shows it")
+    remove.set_defaults(run=_queue_remove)
 
     tls = groups.add_parser("tls", help="certificates", **sub).add_subparsers(
         title="tls commands")
@@ -269,6 +288,52 @@ def _init(args) -> None:
     plan.password_hash = hash_password(_read_password(args), args.scheme)
     firstrun.initialise(plan)
     sys.stdout.write(firstrun.next_steps(plan))
+
+
+def _queue(args) -> Queue:
+    return Queue(_load(args).queue_dir)
+
+
+def _age(seconds: float) -> str:
+    minutes = int(max(seconds, 0) // 60)
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _queue_list(args) -> None:
+    """One tab-separated line per message: id, age, sender, recipients (with their
+    state), attempts, last error."""
+    now = time.time()
+    envelopes = list(_queue(args).envelopes())
+    print("ID\tAGE\tSENDER\tRECIPIENTS\tATTEMPTS\tLAST ERROR")
+    for e in envelopes:
+        recipients = ",".join(f"{r.address}({r.state})" for r in e.recipients)
+        print(f"{e.id}\t{_age(now - e.created)}\t{e.sender}\t{recipients}\t{e.attempts}\t"
+              f"{e.last_error or '-'}")
+    print(f"{len(envelopes)} message{'' if len(envelopes) == 1 else 's'} queued",
+          file=sys.stderr)
+
+
+def _queue_flush(args) -> None:
+    try:
+        _queue(args).request_flush()
+    except OSError as e:
+        raise AdminError(f"cannot request a flush: {e}") from None
+    print("flush requested: the server tries every queued message within 10 seconds")
+
+
+def _queue_remove(args) -> None:
+    if "/" in args.id or args.id.startswith("."):
+        raise AdminError(f"not a queue id: {args.id}")
+    try:
+        removed = _queue(args).remove(args.id)
+    except OSError as e:
+        raise AdminError(f"cannot remove {args.id}: {e}") from None
+    if not removed:
+        raise AdminError(f"no queued message {args.id}")
+    print(f"removed {args.id}")
 
 
 def _tls_selfsigned(args) -> None:

@@ -28,6 +28,9 @@ from popgate.addresses import AddressError, normalise_domain, normalise_user
 
 DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
 DEFAULT_POP3 = "tcp:1100:interface=127.0.0.1"
+DEFAULT_SUBMISSION = "tcp:5870:interface=127.0.0.1"  # quick start; 587 in production
+RELAY_MODES = ("none", "smarthost")
+SMARTHOST_TLS = ("required", "opportunistic", "none")
 DEFAULT_DATA_DIR = "./popgate-data"
 
 
@@ -116,6 +119,39 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class SubmissionConfig:
+    """Authenticated submission (RFC 6409): STARTTLS listeners and implicit-TLS ones."""
+
+    listen: tuple[str, ...] = (DEFAULT_SUBMISSION,)
+    tls_listen: tuple[str, ...] = ()  # implicit TLS ("submissions", RFC 8314), usually 465
+    max_messages_per_hour: int = 200  # per user, recipients counted
+    show_auth_user: bool = False  # name the authenticated user in Received:
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Outbound mail: the queue and the smarthost it is relayed through."""
+
+    mode: str = "none"  # "none": no relay at all; "smarthost"
+    smarthost: str = ""  # "host:port"
+    smarthost_tls: str = "required"  # "required" | "opportunistic" | "none" (loopback only)
+    smarthost_ca: str = ""  # PEM CA file for a private CA; "" = the system's trust store
+    smarthost_user: str = ""
+    smarthost_password_file: str = ""  # first line is the password
+    max_queue_time: float = 5 * 24 * 3600.0  # seconds before a message bounces
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "smarthost"
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``"host:port"`` (``"[::1]:25"``) -> ``("host", port)``; the config checked the form."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     smtp: SMTPConfig = field(default_factory=SMTPConfig)
@@ -125,6 +161,8 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    relay: RelayConfig = field(default_factory=RelayConfig)
     # "alias@domain" or "@domain" (catch-all) -> local users
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = "<defaults>"
@@ -144,6 +182,10 @@ class Config:
     def users_file(self) -> str:
         return self.server.users_file or os.path.join(self.server.data_dir, "users")
 
+    @property
+    def queue_dir(self) -> str:
+        return os.path.join(self.server.data_dir, "queue")
+
 
 _SECTIONS = {
     "server": ServerConfig,
@@ -154,6 +196,8 @@ _SECTIONS = {
     "log": LogConfig,
     "metrics": MetricsConfig,
     "web": WebConfig,
+    "submission": SubmissionConfig,
+    "relay": RelayConfig,
 }
 
 
@@ -265,7 +309,9 @@ def _validate(config: Config) -> Config:
                            ("smtp.lmtp_listen", smtp.lmtp_listen), ("pop3.listen", pop3.listen),
                            ("pop3.tls_listen", pop3.tls_listen),
                            ("metrics.listen", config.metrics.listen),
-                           ("web.listen", config.web.listen)]:
+                           ("web.listen", config.web.listen),
+                           ("submission.listen", config.submission.listen),
+                           ("submission.tls_listen", config.submission.tls_listen)]:
         for description in endpoints:
             _check_endpoint(src, key, description)
     if smtp.bare_newline not in ("normalize", "reject"):
@@ -288,11 +334,12 @@ def _validate(config: Config) -> Config:
             except ValueError as e:
                 raise ConfigError(src, f"limits.{key}", str(e)) from None
     all_endpoints = (*smtp.listen, *smtp.tls_listen, *smtp.lmtp_listen, *pop3.listen,
-                     *pop3.tls_listen)
+                     *pop3.tls_listen, *config.submission.listen, *config.submission.tls_listen)
     if any(e.startswith("haproxy:") for e in all_endpoints) and not limits.trusted_proxies:
         raise ConfigError(src, "limits.trusted_proxies", "haproxy: endpoints need the "
                           "addresses of the proxies allowed to send PROXY headers")
-    _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen)
+    _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen or config.submission.tls_listen)
+    _check_submission_and_relay(src, config.submission, config.relay)
     if config.log.format not in ("text", "json"):
         raise ConfigError(src, "log.format", 'must be "text" or "json"')
     if config.web.listen and not config.web.token and not all(
@@ -320,6 +367,45 @@ def is_loopback_endpoint(description: str) -> bool:
         return False
     try:
         return ipaddress.ip_address(found.group(1).replace("\\:", ":")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_submission_and_relay(src: str, submission: SubmissionConfig,
+                                relay: RelayConfig) -> None:
+    if submission.max_messages_per_hour <= 0:
+        raise ConfigError(src, "submission.max_messages_per_hour",
+                          f"must be greater than zero, got {submission.max_messages_per_hour}")
+    if relay.mode not in RELAY_MODES:
+        raise ConfigError(src, "relay.mode", 'must be "none" or "smarthost"')
+    if relay.smarthost_tls not in SMARTHOST_TLS:
+        raise ConfigError(src, "relay.smarthost_tls",
+                          'must be "required", "opportunistic" or "none"')
+    if relay.max_queue_time <= 0:
+        raise ConfigError(src, "relay.max_queue_time",
+                          f"must be greater than zero, got {relay.max_queue_time}")
+    if bool(relay.smarthost_user) != bool(relay.smarthost_password_file):
+        raise ConfigError(src, "relay.smarthost_password_file",
+                          "relay.smarthost_user and relay.smarthost_password_file go together")
+    if not relay.enabled:
+        return
+    host, colon, port = relay.smarthost.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(src, "relay.smarthost", f'expected "host:port", got {relay.smarthost!r}')
+    if relay.smarthost_tls == "none" and not _is_loopback_name(split_hostport(relay.smarthost)[0]):
+        raise ConfigError(src, "relay.smarthost_tls",
+                          '"none" is only allowed for a loopback smarthost')
+    for key in ("smarthost_ca", "smarthost_password_file"):
+        path = getattr(relay, key)
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(src, f"relay.{key}", f"cannot read {path}")
+
+
+def _is_loopback_name(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
 
@@ -380,7 +466,11 @@ def _resolve_paths(config: Config) -> Config:
     if tls.certificate:
         tls = dataclasses.replace(tls, certificate=os.path.abspath(tls.certificate),
                                   key=os.path.abspath(tls.key))
-    return dataclasses.replace(config, server=server, tls=tls)
+    relay = config.relay
+    for key in ("smarthost_ca", "smarthost_password_file"):
+        if getattr(relay, key):
+            relay = dataclasses.replace(relay, **{key: os.path.abspath(getattr(relay, key))})
+    return dataclasses.replace(config, server=server, tls=tls, relay=relay)
 
 
 def dump(config: Config) -> str:

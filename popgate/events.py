@@ -30,10 +30,11 @@ the protocol's classes.  The kinds and their data:
     ``action``: ``delivered`` (``id``, ``sender``, ``recipients``, ``users``, ``octets``
     as stored with LF line ends, ``list_octets`` as POP3's LIST reports them with CRLF,
     ``tls``, ``summary`` of its From/To/Subject, ``latency``: seconds from the end of
-    its data to the ``250``), ``retrieved`` / ``topped`` (``number``, ``uidl``,
-    ``octets``), ``deleted`` (``number``, ``uidl``, ``octets``: marked by DELE),
-    ``undeleted`` (RSET), ``removed`` (the UPDATE state removed the marked messages:
-    ``count``, ``octets``).
+    its data to the ``250``), ``queued`` (submission: ``id``, ``sender``, ``recipients``
+    queued for the smarthost, ``octets`` as queued), ``retrieved`` / ``topped``
+    (``number``, ``uidl``, ``octets``), ``deleted`` (``number``, ``uidl``, ``octets``:
+    marked by DELE), ``undeleted`` (RSET), ``removed`` (the UPDATE state removed the
+    marked messages: ``count``, ``octets``).
 ``refused``
     ``reason`` (str) and ``reply`` (the line sent, if any).
 ``closed``

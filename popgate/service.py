@@ -23,10 +23,11 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from popgate.auth.account import AccountRealm
 from popgate.auth.login import Authenticator
 from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
 from popgate.auth.users import PasswordChecker, UserDB
-from popgate.config import Config
+from popgate.config import Config, split_hostport
 from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
 from popgate.lineproto import SessionRegistry
@@ -36,8 +37,13 @@ from popgate.pop3.realm import MaildropRealm
 from popgate.pop3.server import POP3Factory
 from popgate.preflight import storage_problem
 from popgate.proxy import TrustedProxyFactory
-from popgate.smtp.delivery import Deliverer, Router, describe_postmaster
+from popgate.relay import client as relay_client
+from popgate.relay.client import Smarthost
+from popgate.relay.queue import Queue
+from popgate.relay.runner import QueueRunner
+from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, describe_postmaster
 from popgate.smtp.server import SMTPFactory
+from popgate.smtp.submission import SendingLimit, SubmissionFactory
 from popgate.store.maildir import MaildirStore
 
 log = Logger()
@@ -337,24 +343,44 @@ def makeService(config: Config, reactor=None) -> MultiService:
 
     deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
     DelivererService(deliverer).setServiceParent(top)
-    smtp = partial(SMTPFactory, config=config, router=Router(config, users),
+    router = Router(config, users)
+    smtp = partial(SMTPFactory, config=config, router=router,
                    deliverer=deliverer, clock=reactor, limiter=_limiter(config, trusted),
                    events=events, tls=tls, sessions=sessions)
     listen("SMTP", config.smtp.listen, smtp())
     listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
     listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
 
-    portal = Portal(MaildropRealm(users, store, run_in_thread),
-                    [PasswordChecker(users, auth_threads.run)])
+    checker = PasswordChecker(users, auth_threads.run)
+    portal = Portal(MaildropRealm(users, store, run_in_thread), [checker])
     limits = config.limits
     penalty = AuthPenalty(reactor, limits.auth_delay, limits.auth_delay_max,
                           limits.penalty_window)
-    authenticator = Authenticator(portal, penalty, ChecksPerAddress(), reactor)
+    checks = ChecksPerAddress()
+    authenticator = Authenticator(portal, penalty, checks, reactor)
     pop3 = partial(POP3Factory, config=config, authenticator=authenticator, clock=reactor,
                    limiter=_limiter(config, trusted), events=events, tls=tls,
                    sessions=sessions)
     listen("POP3", config.pop3.listen, pop3())
     listen("POP3S", config.pop3.tls_listen, _implicit(pop3, tls))
+
+    # Submission: the same users, checker, penalties and bound per address as POP3.
+    queue = runner = None
+    if config.relay.enabled:
+        queue = Queue(config.queue_dir, node=config.hostname)
+        runner = _queue_runner(config, reactor, queue, run_in_thread, deliverer, users)
+        runner.setServiceParent(top)
+    submission = partial(
+        SubmissionFactory, config=config, router=router, deliverer=deliverer, clock=reactor,
+        limiter=_limiter(config, trusted), events=events, tls=tls, sessions=sessions,
+        authenticator=Authenticator(Portal(AccountRealm(users), [checker]), penalty, checks,
+                                    reactor),
+        sending_limit=SendingLimit(reactor, config.submission.max_messages_per_hour),
+        run_in_thread=run_in_thread, queue=queue,
+        on_queued=runner.wake if runner is not None else lambda _: None)
+    listen("SUBMISSION", config.submission.listen, submission())
+    listen("SUBMISSIONS", config.submission.tls_listen, _implicit(submission, tls))
+
     _observe(top, config, events, store, reactor, users, auth_threads)
     # Stopped before the listeners' services (a MultiService stops its children in
     # reverse order, in one go): the drain starts as listening stops.
@@ -398,6 +424,34 @@ def _observe(top: MultiService, config: Config, events: EventBus, store: Maildir
         site = build_site(board, reactor, config.web.token, metrics_page)
         for description in config.web.listen:
             ListenerService(reactor, description, site, "web").setServiceParent(top)
+
+
+def _queue_runner(config: Config, reactor, queue: Queue, run_in_thread, deliverer: Deliverer,
+                  users: UserDB) -> QueueRunner:
+    relay = config.relay
+    host, port = split_hostport(relay.smarthost)
+    password = b""
+    if relay.smarthost_password_file:
+        with open(relay.smarthost_password_file, "rb") as f:
+            password = f.readline().rstrip(b"\r\n")
+    trust_root = None
+    if relay.smarthost_ca:
+        with open(relay.smarthost_ca, "rb") as f:
+            trust_root = f.read()
+    smarthost = Smarthost(host, port, relay.smarthost_tls, trust_root, relay.smarthost_user,
+                          password, helo=config.hostname)
+
+    def deliver_bounce(name: str, report: bytes):
+        user = users.get(name)
+        if user is None:
+            raise LookupError(f"user {name} no longer exists")
+        arrival = Arrival(sender="", recipients=(Recipient(name, (user,)),),
+                          helo=config.hostname, client_ip=None, protocol="ESMTP")
+        return deliverer.deliver(arrival, report)
+
+    return QueueRunner(queue, partial(relay_client.deliver, reactor, smarthost), reactor,
+                       run_in_thread, deliver_bounce, hostname=config.hostname,
+                       smarthost=relay.smarthost, max_queue_time=relay.max_queue_time)
 
 
 def _defer_to_reactor_pool(reactor, f, *args, **kwargs):

@@ -15,8 +15,8 @@ from popgate.service import makeService as _makeService
 
 
 class Options(usage.Options):
-    synopsis = ("[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... [--data-dir DIR] "
-                "[--trace]")
+    synopsis = ("[--config FILE] [--smtp ENDPOINT]... [--pop3 ENDPOINT]... "
+                "[--submission ENDPOINT]... [--data-dir DIR] [--trace]")
     optFlags = [
         ["trace", None, "Log every command and reply as C:/S: lines ([log] trace = true)."],
     ]
@@ -30,6 +30,7 @@ class Options(usage.Options):
         super().__init__()
         self["smtp"] = []
         self["pop3"] = []
+        self["submission"] = []
 
     def opt_smtp(self, endpoint: str) -> None:
         """SMTP listener endpoint (repeatable), e.g. tcp:2525:interface=127.0.0.1."""
@@ -39,12 +40,18 @@ class Options(usage.Options):
         """POP3 listener endpoint (repeatable), e.g. tcp:1100:interface=127.0.0.1."""
         self["pop3"].append(endpoint)
 
+    def opt_submission(self, endpoint: str) -> None:
+        """Submission listener endpoint (repeatable), e.g. tcp:587 (STARTTLS + AUTH)."""
+        self["submission"].append(endpoint)
+
     def overrides(self) -> dict[str, object]:
         overrides: dict[str, object] = {}
         if self["smtp"]:
             overrides["smtp.listen"] = list(self["smtp"])
         if self["pop3"]:
             overrides["pop3.listen"] = list(self["pop3"])
+        if self["submission"]:
+            overrides["submission.listen"] = list(self["submission"])
         if self["data-dir"]:
             overrides["server.data_dir"] = self["data-dir"]
         if self["trace"]:

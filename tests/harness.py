@@ -236,6 +236,7 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
         "server": {"data_dir": os.path.join(directory, "data"), "hostname": "mx.test"},
         "smtp": {"listen": ["tcp:0:interface=127.0.0.1"]},
         "pop3": {"listen": ["tcp:0:interface=127.0.0.1"]},
+        "submission": {"listen": ["tcp:0:interface=127.0.0.1"]},
     }
     for section, table in (settings or {}).items():
         merged.setdefault(section, {}).update(table)
@@ -245,11 +246,22 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
     for name, password in users:
         server.add_user(name, password)
 
+    yield spawn_twistd(testcase, server, timeout, namespace_host)
+    return server
+
+
+@defer.inlineCallbacks
+def spawn_twistd(testcase, server: Server, timeout=30.0, namespace_host: str | None = None):
+    """Start ``twistd -n popgate`` on the server's configuration (again, after a crash
+    test killed it: the same data directory, new ports); ``namespace_host`` as for
+    :func:`start_twistd`."""
     proc = _TwistdProtocol()
-    args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "popgate", "--config", config_path]
+    args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "popgate", "--config",
+            server.config_path]
     if namespace_host:
         args = _in_namespaces(namespace_host, args)
-    transport = reactor.spawnProcess(proc, args[0], args, env=child_env(), path=directory)
+    transport = reactor.spawnProcess(proc, args[0], args, env=child_env(),
+                                     path=server.directory)
     server.process = proc
     server.pid = transport.pid
 
@@ -269,6 +281,7 @@ def start_twistd(testcase, settings: dict[str, dict] | None = None, users=(), ti
     finally:
         if timer.active():
             timer.cancel()
+    server.ports = {}
     for label, port in listening:
         server.ports.setdefault(label, []).append(port)
     return server

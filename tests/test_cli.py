@@ -10,6 +10,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 
 from cryptography import x509
 from twisted.trial.unittest import SkipTest, TestCase
@@ -383,3 +384,47 @@ class OwnershipTests(CLITests):
             st = os.stat(self.users_file)
             self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)),
                              (self.nobody.pw_uid, 0, 0o640), argv)
+
+
+class QueueCommandTests(TestCase):
+    """popgate queue list | flush | remove, on the files the server's runner uses."""
+
+    def setUp(self):
+        from popgate.relay.queue import Envelope, Queue, QueuedRecipient
+
+        self.data = os.path.abspath(self.mktemp())
+        self.queue = Queue(os.path.join(self.data, "queue"))
+        self.queue.prepare()
+        envelope = Envelope("ABC123", "alice@example.org", "alice@example.org",
+                            [QueuedRecipient("x@remote.test", "sent", "250 ok"),
+                             QueuedRecipient("y@remote.test", "queued", "451 4.2.1 busy")],
+                            created=time.time() - 7500, attempts=2,
+                            last_error="451 4.2.1 busy")
+        incoming = self.queue.new_message(envelope)
+        incoming.write(b"Subject: x\n\nbody\n")
+        incoming.commit()
+
+    run_cli = CLITests.run_cli
+
+    def test_list_shows_id_age_sender_recipients_attempts_and_last_error(self):
+        code, out, err = self.run_cli("queue", "list")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(out.splitlines(), [
+            "ID\tAGE\tSENDER\tRECIPIENTS\tATTEMPTS\tLAST ERROR",
+            "ABC123\t2h05m\talice@example.org\tx@remote.test(sent),y@remote.test(queued)"
+            "\t2\t451 4.2.1 busy"])
+        self.assertEqual(err, "1 message queued\n")
+
+    def test_flush_leaves_the_flag_the_runner_takes(self):
+        code, out, _ = self.run_cli("queue", "flush")
+        self.assertEqual(code, 0)
+        self.assertTrue(self.queue.take_flush_request())
+
+    def test_remove(self):
+        self.assertEqual(self.run_cli("queue", "remove", "ABC123")[:2], (0, "removed ABC123\n"))
+        self.assertEqual(self.queue.ids(), [])
+        self.assertEqual(sorted(os.listdir(self.queue.directory)), ["lock", "tmp"])
+        code, _, err = self.run_cli("queue", "remove", "ABC123")
+        self.assertEqual((code, err), (1, "popgate: no queued message ABC123\n"))
+        code, _, err = self.run_cli("queue", "remove", "../users")
+        self.assertEqual((code, err), (1, "popgate: not a queue id: ../users\n"))

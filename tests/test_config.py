@@ -184,3 +184,38 @@ class BadConfigTests(TestCase):
             message = str(e)
             self.assertTrue(message.startswith(f"{path}: {expected}"), f"{name}: {message}")
             self.assertNotIn("\n", message)
+
+
+class SubmissionAndRelayConfigTests(TestCase):
+    def test_defaults(self):
+        c = config.load()
+        self.assertEqual(c.submission.listen, ("tcp:5870:interface=127.0.0.1",))
+        self.assertEqual((c.submission.max_messages_per_hour, c.submission.show_auth_user),
+                         (200, False))
+        self.assertEqual((c.relay.mode, c.relay.enabled, c.relay.max_queue_time),
+                         ("none", False, 432000.0))
+
+    def test_relay_refusals(self):
+        cases = {
+            (("relay.mode", "mx"),): 'relay.mode: must be "none" or "smarthost"',
+            (("relay.mode", "smarthost"), ("relay.smarthost", "relay.example")):
+                'relay.smarthost: expected "host:port", got \'relay.example\'',
+            (("relay.mode", "smarthost"), ("relay.smarthost", "relay.example:587"),
+             ("relay.smarthost_tls", "none")):
+                'relay.smarthost_tls: "none" is only allowed for a loopback smarthost',
+            (("relay.smarthost_user", "u"),):
+                "relay.smarthost_password_file: relay.smarthost_user and "
+                "relay.smarthost_password_file go together",
+            (("relay.smarthost_tls", "maybe"),):
+                'relay.smarthost_tls: must be "required", "opportunistic" or "none"',
+            (("submission.max_messages_per_hour", 0),):
+                "submission.max_messages_per_hour: must be greater than zero, got 0",
+        }
+        for overrides, message in cases.items():
+            e = self.assertRaises(config.ConfigError, config.load, None, dict(overrides))
+            self.assertEqual(str(e), "<defaults>: " + message)
+
+    def test_a_loopback_smarthost_may_go_without_tls(self):
+        c = config.load(None, {"relay.mode": "smarthost", "relay.smarthost": "[::1]:25",
+                               "relay.smarthost_tls": "none"})
+        self.assertEqual(config.split_hostport(c.relay.smarthost), ("::1", 25))

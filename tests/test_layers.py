@@ -50,6 +50,16 @@ class LayerRuleTests(TestCase):
         self.assertEqual(offending("store", ("popgate.smtp", "popgate.pop3", "popgate.auth",
                                              "popgate.observe", "popgate.web", "twisted")), [])
 
+    def test_relay_knows_no_protocol_and_the_store_knows_no_relay(self):
+        """relay/ reaches local mail only through what the wiring point injects (the
+        bounce delivery); its queue files and DSNs are plain code, without Twisted."""
+        self.assertEqual(offending("relay", ("popgate.smtp", "popgate.pop3", "popgate.auth",
+                                             "popgate.observe", "popgate.web",
+                                             "popgate.service")), [])
+        for module in ("relay/queue", "relay/dsn"):
+            self.assertEqual(offending(module, ("twisted",)), [], module)
+        self.assertEqual(offending("store", ("popgate.relay",)), [])
+
     def test_smtp_and_pop3_never_import_each_other(self):
         self.assertEqual(offending("smtp", ("popgate.pop3",)), [])
         self.assertEqual(offending("pop3", ("popgate.smtp",)), [])
@@ -72,7 +82,7 @@ class LayerRuleTests(TestCase):
 
     def test_shared_layers_import_no_protocol(self):
         shared = ("addresses", "codec", "config", "events", "fileio", "limits", "lineproto",
-                  "loglimit", "proxy", "tls", "auth")
+                  "loglimit", "proxy", "tls", "auth", "relay")
         for layer in shared:
             self.assertEqual(offending(layer, ("popgate.smtp", "popgate.pop3",
                                                "popgate.service")), [], layer)

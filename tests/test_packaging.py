@@ -112,7 +112,8 @@ class FreshVenvTests(TestCase):
 
     def check_twistd_runs(self, bin_dir: str, cwd: str, env: dict) -> None:
         args = [os.path.join(bin_dir, "twistd"), "-n", "--pidfile=", "--logfile=-", "popgate",
-                "--smtp", "tcp:0:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1"]
+                "--smtp", "tcp:0:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1",
+                "--submission", "tcp:0:interface=127.0.0.1"]
         process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT)
         output = b""
@@ -123,9 +124,10 @@ class FreshVenvTests(TestCase):
                 if not line:
                     break
                 output += line
-            self.assertEqual(output.count(b"listening on"), 2, output.decode())
+            self.assertEqual(output.count(b"listening on"), 3, output.decode())
             self.assertRegex(output.decode(), r"popgate SMTP listening on tcp:0:interface=")
             self.assertRegex(output.decode(), r"popgate POP3 listening on tcp:0:interface=")
+            self.assertRegex(output.decode(), r"popgate SUBMISSION listening on tcp:0:interface=")
             process.send_signal(signal.SIGTERM)
             rest, _ = process.communicate(timeout=30)
         finally:

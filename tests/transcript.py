@@ -113,6 +113,9 @@ class SMTPConnection(Connection):
         self.protocol.dataReceived(data)
         return self.replies()
 
+    def command(self, line: str) -> list[str]:
+        return self.send(line.encode() + b"\r\n")
+
     def replies(self) -> list[str]:
         """New complete replies; a multi-line reply is one item, its lines joined by LF."""
         self._partial += self.take()

@@ -64,6 +64,9 @@ class SessionLog:
 
     def _message(self, event: Event) -> None:
         data = event.data
+        if data["action"] == "queued":
+            self._emit(event, f"{data['id']}: queued from <{data['sender']}> for relay to "
+                              f"{', '.join(data['recipients'])} ({data['octets']} octets)")
         if data["action"] != "delivered":
             return
         self._emit(event, f"{data['id']}: delivered from <{data['sender']}> to "

@@ -122,6 +122,19 @@ class Router:
     def is_local(self, domain: str) -> bool:
         return domain in self._configured_domains or self._users.has_domain(domain)
 
+    def may_send_as(self, user: str, mailbox: Mailbox) -> bool:
+        """Is ``mailbox`` one of ``user``'s addresses: their own, a sub-address of it
+        (RFC 5233), or an alias whose targets include them?  (Not a domain catch-all:
+        that would let a user send as every address nobody else has.)"""
+        if mailbox.has_relay_hack or mailbox.is_literal:
+            return False
+        local = mailbox.local.lower().partition("+")[0]
+        address = f"{local}@{mailbox.domain}"
+        return address == user or user in self._aliases.get(address, ())
+
+    def user(self, name: str) -> User | None:
+        return self._users.get(name)
+
     def resolve(self, mailbox: Mailbox) -> Resolution:
         try:
             return self._resolve(mailbox)
@@ -232,6 +245,7 @@ class Arrival:
     client_ip: str | None  # None for a UNIX socket peer
     protocol: str  # the Received "with" keyword: ESMTP, ESMTPS, LMTP, ... (RFC 3848)
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    auth_user: str | None = None  # submission with [submission] show_auth_user only
 
 
 class GroupCommitter:
@@ -668,6 +682,16 @@ class Deliverer:
         return Transaction(transaction_id, arrival, copies, self._committer,
                            checks=self._checks, header_octets=header_octets)
 
+    def deliver(self, arrival: Arrival, data: bytes) -> defer.Deferred:
+        """Deliver a whole message made here (a bounce: LF line ends); fires with None
+        once it is durable, like a received one."""
+
+        def write(transaction: Transaction) -> defer.Deferred:
+            transaction.write(data)
+            return transaction.finish()
+
+        return self.begin(arrival).addCallback(write)
+
     def close(self) -> None:
         """Remove the spare files (blocking: for shutdown)."""
         self._spares.close()
@@ -709,16 +733,21 @@ def trace_headers(arrival: Arrival, user: User, address: str, hostname: str,
     return "".join(line + "\n" for line in lines).encode("utf-8")
 
 
-def received_header(arrival: Arrival, address: str, hostname: str,
+def received_header(arrival: Arrival, address: str | None, hostname: str,
                     transaction_id: str, date: str) -> str:
-    """An RFC 5321 §4.4 ``Received:`` line (folded, no line end)."""
+    """An RFC 5321 §4.4 ``Received:`` line (folded, no line end); without ``address``
+    (a message for several remote recipients) there is no ``for`` clause."""
     clauses = [f"from {arrival.helo} ({_tcp_info(arrival.client_ip)})",
                f"by {hostname} (popgate)",
                f"with {arrival.protocol}",
                f"id {transaction_id}"]
     if arrival.tls:
         clauses.append(f"({_describe_tls(arrival.tls)})")
-    clauses.append(f"for <{address}>;")
+    if arrival.auth_user:
+        clauses.append(f"(authenticated as {arrival.auth_user})")
+    if address is not None:
+        clauses.append(f"for <{address}>")
+    clauses[-1] += ";"
     clauses.append(date)
     return fold("Received:", clauses)
 

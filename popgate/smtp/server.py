@@ -4,7 +4,11 @@ Implements RFC 5321 (SMTP) with PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME
 (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034/3463), SMTPUTF8 (RFC 6531), CHUNKING (BDAT,
 RFC 3030) and STARTTLS (RFC 3207); with ``lmtp=True`` the same machine speaks LMTP
 (RFC 2033: ``LHLO``, one reply per accepted recipient after the message).  There is no
-AUTH: popgate's SMTP only accepts mail for its local users.
+AUTH here: this receiver only accepts mail for its local users.  Authenticated
+submission (AUTH, sender policy, the outbound queue) is :mod:`popgate.smtp.submission`,
+a subclass using the hooks :meth:`SMTPServer.trace_line`, :meth:`SMTPServer.check_sender`,
+:meth:`SMTPServer.route`, :meth:`SMTPServer.arrival` and
+:meth:`SMTPServer.begin_transaction`.
 
 Wire format: command lines end with CRLF (a bare LF is tolerated) and are at most 512
 octets (RFC 5321 §4.5.3.1.4); every reply carries an enhanced status code.  Message data
@@ -47,7 +51,14 @@ from twisted.logger import Logger
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
-from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, storage_refusal
+from popgate.smtp.delivery import (
+    Arrival,
+    Deliverer,
+    Recipient,
+    Resolution,
+    Router,
+    storage_refusal,
+)
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
 from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
 from popgate.tls import tls_description
@@ -255,7 +266,7 @@ class SMTPServer(LineSession):
             self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=text)
+            self.events.publish("command", self.info, line=self.trace_line(text))
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
@@ -265,6 +276,10 @@ class SMTPServer(LineSession):
             getattr(self, "smtp_" + verb)(argument.strip(" "))
         except SMTPCommandError as e:
             self._refuse(e)
+
+    def trace_line(self, text: str) -> str:
+        """The command line as ``command`` events show it (submission hides secrets)."""
+        return text
 
     # -- replies ------------------------------------------------------------------------
 
@@ -388,9 +403,13 @@ class SMTPServer(LineSession):
         path, parameters = _split_path(argument, "FROM")
         body, smtputf8 = self._parse_mail_parameters(parameters)
         sender = _parse_address(path, smtputf8, "5.1.7")
+        self.check_sender(sender)
         self.envelope.sender = "" if sender is None else str(sender)
         self.envelope.body, self.envelope.smtputf8 = body, smtputf8
         self._write(_MAIL_OK)
+
+    def check_sender(self, sender) -> None:
+        """Raise SMTPCommandError for a sender this listener refuses (submission does)."""
 
     def _parse_mail_parameters(self, parameters: list[str]) -> tuple[str, bool]:
         """Check MAIL's ESMTP parameters; return (BODY type, SMTPUTF8 given)."""
@@ -441,13 +460,17 @@ class SMTPServer(LineSession):
             mailbox = _parse_address(path, self.envelope.smtputf8, "5.1.3")
             if mailbox is None:
                 raise SMTPCommandError(501, "5.1.3", "Error: the null path is not a recipient")
-            address, resolution = str(mailbox), self.factory.router.resolve(mailbox)
+            address, resolution = str(mailbox), self.route(mailbox)
         if resolution.refusal is not None:
             refusal = resolution.refusal
             raise SMTPCommandError(refusal.code, refusal.enhanced,
                                    f"<{address}>: {refusal.text}")
         self.envelope.recipients.append(Recipient(address, resolution.users))
         self._write(_RCPT_OK)
+
+    def route(self, mailbox) -> Resolution:
+        """Where a ``RCPT TO`` mailbox goes: local users, or a refusal (relay denied)."""
+        return self.factory.router.resolve(mailbox)
 
     def smtp_RSET(self, argument: str) -> None:
         if argument:
@@ -517,7 +540,14 @@ class SMTPServer(LineSession):
         way with nothing to answer yet.
         """
         message = self.message = MessageInFlight(chunking=chunking)
-        arrival = Arrival(
+        d = self.begin_transaction(self.arrival())
+        d.addCallbacks(self._files_opened, self._files_not_opened,
+                       callbackArgs=(message,), errbackArgs=(message,))
+        return d
+
+    def arrival(self) -> Arrival:
+        """What the message's trace headers say about how it arrived."""
+        return Arrival(
             sender=self.envelope.sender,
             recipients=tuple(self.envelope.recipients),
             helo=self.session.helo,
@@ -525,10 +555,10 @@ class SMTPServer(LineSession):
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self.session.secure else None,
         )
-        d = self.factory.deliverer.begin(arrival)
-        d.addCallbacks(self._files_opened, self._files_not_opened,
-                       callbackArgs=(message,), errbackArgs=(message,))
-        return d
+
+    def begin_transaction(self, arrival: Arrival) -> defer.Deferred:
+        """Open the message's files; fires with a Transaction (see Deliverer.begin)."""
+        return self.factory.deliverer.begin(arrival)
 
     def _files_opened(self, transaction, message: MessageInFlight) -> None:
         if self.message is not message or message.refusal is not None:
@@ -634,13 +664,14 @@ class SMTPServer(LineSession):
             return
         self.session.messages += 1
         arrival = transaction.arrival
-        self.events.publish(
-            "message", self.info, action="delivered", id=transaction.id,
-            sender=arrival.sender, recipients=tuple(r.address for r in recipients),
-            users=tuple(u.name for u in transaction.users), octets=transaction.stored_octets,
-            list_octets=transaction.list_octets, tls=arrival.tls,
-            summary=header_summary(message.head),
-            latency=self.clock.seconds() - data_ended)  # end of data to 250
+        if transaction.users:  # else only queued for relay (submission publishes that)
+            self.events.publish(
+                "message", self.info, action="delivered", id=transaction.id,
+                sender=arrival.sender, recipients=tuple(r.address for r in recipients),
+                users=tuple(u.name for u in transaction.users),
+                octets=transaction.stored_octets, list_octets=transaction.list_octets,
+                tls=arrival.tls, summary=header_summary(message.head),
+                latency=self.clock.seconds() - data_ended)  # end of data to 250
         self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
     def _not_delivered(self, failure, transaction, recipients) -> None:
