@@ -1,1 +1,2 @@
-"""Mail storage, free of Twisted: the Maildir store (and, next, the outbound queue)."""
+"""Mail storage, free of Twisted: the Maildir store, and a read-only survey of it for the
+lab view.  (The outbound queue is relay/queue.py, Twisted-free too.)"""
