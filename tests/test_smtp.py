@@ -796,6 +796,35 @@ class BDATTests(SMTPFixture, TestCase):
             replies += client.replies()
         self.assertReplies(replies, ["250 2.0.0 Ok: queued as", "250 2.1.0", "250 2.0.0"])
 
+    def test_connection_lost_while_the_files_of_an_empty_chunk_are_opened(self):
+        """BDAT 0 (LAST or not) ends its chunk as soon as the files are open: if the
+        session went away meanwhile there is no message left to end, and no error."""
+        for command in (b"BDAT 0 LAST\r\n", b"BDAT 0\r\n"):
+            threads = Deferring()
+            self.make_factory(run_in_thread=threads)
+            client = self.connect()
+            client.send(EHLO + MAIL + RCPT_ALICE + command)
+            client.disconnect()
+            while threads.calls:
+                threads.run_next()
+            self.assertEqual(self.flushLoggedErrors(), [], command)
+            self.check_nothing_stored()
+
+    def test_a_drain_while_the_files_of_an_empty_chunk_are_opened(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"BDAT 0 LAST\r\n")
+        d = self.factory.sessions.drain(5)
+        self.assertReplies(client.replies(), ["421 4.3.2"])
+        while threads.calls:
+            threads.run_next()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(client.replies(), [])
+        client.disconnect()
+        self.successResultOf(d)
+        self.check_nothing_stored()
+
     def test_chunks(self):
         self.assertTranscript([
             (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]),

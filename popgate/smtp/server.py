@@ -672,8 +672,15 @@ class SMTPServer(LineSession):
             self._start_chunk(chunk)
             return
         d = self._open_message(chunking=True)
-        self.message.chunk_decoder = ChunkDecoder()
-        self._wait_for(d, "opening the message files", then=lambda _: self._start_chunk(chunk))
+        message = self.message
+        message.chunk_decoder = ChunkDecoder()
+        self._wait_for(d, "opening the message files",
+                       then=lambda _: self._files_ready_for_chunk(chunk, message))
+
+    def _files_ready_for_chunk(self, chunk: Chunk, message: MessageInFlight) -> None:
+        if self.message is not message:
+            return  # the session closed (or was drained) while the files were opened
+        self._start_chunk(chunk)
 
     def _start_chunk(self, chunk: Chunk) -> None:
         self._chunk = chunk
