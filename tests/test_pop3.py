@@ -1451,3 +1451,35 @@ class ShutdownDrainTests(POP3TestCase):
         sent = session.drain()
         self.assertTrue(sent.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] Server shutting down, "
                                       b"try again later\r\n"), sent[-80:])
+
+    def hold_password_checks(self) -> list:
+        checks = []
+
+        def run_later(f, *args):
+            d = defer.Deferred()
+            checks.append(lambda: d.callback(f(*args)))
+            return d
+
+        self.checker = PasswordChecker(self.users, run_later)
+        self.factory = self.make_factory()
+        return checks
+
+    def test_a_login_in_progress_gets_the_goodbye_only(self):
+        """The goodbye answers the PASS; the login's own answer, due later, is not sent
+        after it (one command, one reply), and its mailbox lock is not kept."""
+        for password in ("wrong", "pw"):
+            checks = self.hold_password_checks()
+            session = self.connect()
+            session.take()
+            session.send(f"USER alice@example.org\r\nPASS {password}\r\n".encode())
+            d = self.factory.sessions.drain(5)
+            self.assertEqual(session.take(),
+                             b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n")
+            checks.pop()()
+            self.clock.advance(60)
+            self.assertEqual(session.take(), b"", password)
+            session.drop()
+            self.successResultOf(d)
+        self.checker = PasswordChecker(self.users, synchronous)
+        self.factory = self.make_factory()
+        self.open_session()  # the mailbox is not locked

@@ -357,7 +357,14 @@ class POP3Server(LineSession):
     # -- output --------------------------------------------------------------------------
 
     def _write(self, data: bytes, lines: int = 1, summary: str | None = None) -> None:
-        """Write one reply (its status line first) and show it to observers."""
+        """Write one reply (its status line first) and show it to observers.
+
+        Nothing is written once the session is closing: its last reply (a goodbye, the
+        answer to QUIT) is out, and an answer that comes due later (a login that ends
+        after a drain's goodbye) would be a second reply to one command.
+        """
+        if self.closing:
+            return
         self.transport.write(data)
         if self.events.wants("reply"):
             first = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
