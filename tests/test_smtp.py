@@ -501,6 +501,9 @@ class SequenceAndSyntaxTests(SMTPFixture, TestCase):
         client.send(EHLO + MAIL)
         for _ in range(3):
             client.send(b"RCPT TO:<nobody@example.org>\r\n")
+        # A client guessing addresses is one cause too: the reply's text quotes each one.
+        for guess in ("a", "b", "c"):
+            client.send(f"RCPT TO:<{guess}@example.org>\r\n".encode())
         refused = [formatEvent(e) for e in events if "refused:" in formatEvent(e)]
         self.assertEqual(len(refused), 1, refused)
         self.assertIn("192.0.2.10", refused[0])
