@@ -1226,6 +1226,16 @@ class MessageCheckTests(SMTPFixture, TestCase):
 
 
 class SessionEventTests(SMTPFixture, TestCase):
+    def test_an_unoffered_auth_is_published_without_its_secret(self):
+        """popgate's SMTP offers no AUTH, but a client may still send its password in an
+        initial response (RFC 4954 §4): the command event never carries it."""
+        client = self.connect()
+        secret = "AGFsaWNlAHMzY3JldA=="  # PLAIN: alice / s3cret
+        self.assertReplies(client.send(f"AUTH PLAIN {secret}\r\nAUTH LOGIN\r\n".encode()),
+                           ["500 5.5.2", "500 5.5.2"])
+        commands = [e.data["line"] for e in self.recorder.of("command")]
+        self.assertEqual(commands, ["AUTH PLAIN ********", "AUTH LOGIN"])
+
     def test_a_session_publishes_what_it_does(self):
         client = self.connect()
         client.send(EHLO + MAIL + RCPT_ALICE + b"RCPT TO:<nobody@example.org>\r\n"

@@ -54,6 +54,7 @@ from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
 _MAX_SIZE_DIGITS = 20
+SECRET = "********"  # what events show instead of a secret a client sent
 # Replies sent for every message, encoded once.
 _MAIL_OK = b"250 2.1.0 Ok\r\n"
 _RCPT_OK = b"250 2.1.5 Ok\r\n"
@@ -255,7 +256,7 @@ class SMTPServer(LineSession):
             self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=text)
+            self.events.publish("command", self.info, line=_without_secret(text))
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
@@ -729,6 +730,17 @@ class SMTPServer(LineSession):
             self._answer(refusal)
         else:
             self._reply(250, "2.0.0", f"{chunk.size} octets received")
+
+
+def _without_secret(line: str) -> str:
+    """The command as events show it.  There is no AUTH here, but a client may still send
+    one with an initial response (RFC 4954 §4: PLAIN's holds the password); like every
+    protocol, this one publishes no secret (docs/design.md)."""
+    verb, _, rest = line.partition(" ")
+    mechanism, _, response = rest.strip(" ").partition(" ")
+    if verb.upper() == "AUTH" and response.strip(" "):
+        return f"{verb} {mechanism} {SECRET}"
+    return line
 
 
 def _parse_address(path: str, smtputf8: bool, enhanced: str):
