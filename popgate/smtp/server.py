@@ -13,7 +13,7 @@ ends a BDAT chunk) and streamed to :mod:`popgate.smtp.delivery`, which stores it
 line ends.
 
 State lives in plain objects beside the protocol (:mod:`popgate.smtp.session`): the
-:class:`~popgate.smtp.session.Session` (client, HELO, TLS), the
+:class:`~popgate.smtp.session.Session` (HELO, TLS), the
 :class:`~popgate.smtp.session.Envelope` of the transaction, and at most one
 :class:`~popgate.smtp.session.MessageInFlight`, the message whose body is being received
 or committed.  ``_mode`` says how input bytes are read (command lines, the tail of an
@@ -46,7 +46,7 @@ from twisted.logger import Logger
 
 from popgate.addresses import AddressError, parse_path
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
-from popgate.lineproto import LineSession, SessionFactory
+from popgate.lineproto import LOCAL_PEER, LineSession, SessionFactory
 from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, storage_refusal
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
 from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
@@ -522,7 +522,7 @@ class SMTPServer(LineSession):
             sender=self.envelope.sender,
             recipients=tuple(self.envelope.recipients),
             helo=self.session.helo,
-            client_ip=None if self.client_host == "local" else self.client_host,
+            client_ip=None if self.client_host == LOCAL_PEER else self.client_host,
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self.session.secure else None,
         )
