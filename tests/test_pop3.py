@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import random
 import subprocess
@@ -29,7 +30,7 @@ from popgate.auth.penalty import CHECKS_PER_ADDRESS, AuthPenalty, ChecksPerAddre
 from popgate.auth.users import PasswordChecker, UserDB, UserFile, hash_password
 from popgate.limits import ConnectionLimiter
 from popgate.pop3 import server as pop3
-from popgate.pop3.realm import MaildropRealm, apply_update
+from popgate.pop3.realm import Maildrop, MaildropRealm, apply_update
 from popgate.store.maildir import Maildir, MaildirStore, commit
 from tests.fakes import synchronous
 from tests.transcript import Connection, observed_bus
@@ -953,6 +954,21 @@ class TopTests(POP3TestCase):
 
 
 class StreamingTests(POP3TestCase):
+    def test_any_binary_stream_from_the_realm_will_do(self):
+        """docs/design.md: the protocol reaches mail only through IMaildrop.open(n), "a
+        binary stream"; another store's stream need not be an OS file."""
+        body = b"Subject: a\n\n" + b".dot\n" * 30
+        self.deliver(body)
+        self.patch(Maildrop, "open", lambda maildrop, number: io.BytesIO(
+            read(maildrop.message(number).path)))
+        for block_size in (7, 64 * 1024):
+            self.patch(pop3.POP3Server, "block_size", block_size)
+            session = self.open_session()
+            reply = session.send(b"RETR 1\r\nTOP 1 1\r\n")
+            self.assertEqual(reply, b"+OK %d octets\r\n" % (len(body) + 32) + wire(body)
+                             + b"+OK Top of message follows\r\n" + wire(body[:17]))
+            session.command("QUIT")
+
     def test_dot_stuffing_at_every_block_boundary(self):
         body = b"".join(b"." * (n % 4) + b"x" * (n % 3) + b"\n" for n in range(60)) + b".\n"
         self.deliver(body)

@@ -68,7 +68,8 @@ class IMaildrop(Interface):
         """The message ``number``; raise NoSuchMessage if it does not exist or is deleted."""
 
     def open(number: int) -> BinaryIO:
-        """Message ``number`` as stored (LF line ends), a binary stream the caller closes;
+        """Message ``number`` as stored (LF line ends), a seekable binary stream (a file
+        or not) that the caller closes;
         raise NoSuchMessage as :meth:`message` does, OSError if it cannot be read."""
 
     def listing() -> list[tuple[int, MessageInfo]]:

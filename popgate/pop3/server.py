@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import io
 import os
 import secrets
 from collections.abc import Callable
@@ -147,9 +148,11 @@ class _MessageStream:
 
     def __init__(self, file: BinaryIO, block_size: int, body_lines: int | None):
         self._file = file
-        # Maildir messages never change once delivered: knowing the size lets the last
-        # block carry the terminator, so a small message is a single write.
-        self._remaining = os.fstat(self._file.fileno()).st_size
+        # Stored messages never change once delivered: knowing the size lets the last
+        # block carry the terminator, so a small message is a single write.  Any seekable
+        # binary stream will do (IMaildrop.open), not only an OS file.
+        self._remaining = file.seek(0, io.SEEK_END)
+        file.seek(0)
         self._block_size = block_size
         self._encoder = DotEncoder()
         self._top = _TopFilter(body_lines) if body_lines is not None else None
