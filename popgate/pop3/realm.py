@@ -69,8 +69,8 @@ class IMaildrop(Interface):
 
     def open(number: int) -> BinaryIO:
         """Message ``number`` as stored (LF line ends), a seekable binary stream (a file
-        or not) that the caller closes;
-        raise NoSuchMessage as :meth:`message` does, OSError if it cannot be read."""
+        or not) that the caller closes; raise NoSuchMessage as :meth:`message` does,
+        OSError if it cannot be read."""
 
     def listing() -> list[tuple[int, MessageInfo]]:
         """``(number, message)`` for every message not marked deleted, in order."""
