@@ -22,7 +22,9 @@ otherwise (RFC 2595 §2.3, RFC 4954 §4).
 
 Secrets: an attempt carries the credentials for the portal and a short fingerprint for
 the penalty (so that a client retrying one stale password counts once); its ``repr``
-shows neither.  Concurrency: reactor thread; time from the injected clock.
+shows neither.  :func:`redact` is the command line as every protocol publishes it (a
+password, an APOP digest, a SASL initial response replaced by :data:`SECRET`).
+Concurrency: reactor thread; time from the injected clock.
 """
 
 from __future__ import annotations
@@ -37,6 +39,24 @@ from twisted.python.failure import Failure
 
 from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
 from popgate.limits import is_loopback
+
+SECRET = "********"  # what events show instead of a secret a client sent
+# Commands whose argument is (or holds) a secret -> the words of the argument kept.
+_SECRET_ARGUMENTS = {"PASS": 0, "APOP": 1, "AUTH": 1}
+
+
+def redact(line: str) -> str:
+    """The command line as events may show it: ``PASS ********``, ``APOP name ********``,
+    ``AUTH PLAIN ********``.  Protocols publish commands only through this (a client that
+    sends one of these to the wrong protocol still keeps its secret)."""
+    keyword, _, argument = line.partition(" ")
+    kept = _SECRET_ARGUMENTS.get(keyword.upper())
+    if kept is None or not argument:
+        return line
+    words = argument.split()
+    if len(words) <= kept:
+        return line
+    return " ".join([keyword, *words[:kept], SECRET])
 
 
 class LoginFailed(Exception):

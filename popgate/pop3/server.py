@@ -54,7 +54,14 @@ from twisted.logger import Logger
 
 from popgate import __version__
 from popgate.auth import sasl
-from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
+from popgate.auth.login import (
+    SECRET,
+    Authenticator,
+    LoginAttempt,
+    LoginFailed,
+    plaintext_allowed,
+    redact,
+)
 from popgate.auth.users import APOPCredentials, UsersUnavailable
 from popgate.codec import DotEncoder, header_summary
 from popgate.lineproto import LineSession, SessionFactory
@@ -65,7 +72,6 @@ MAX_COMMAND_LINE = 255  # octets including CRLF, RFC 2449 §4
 MAX_SASL_LINE = 2048  # a PLAIN response with a long name and a long password
 MAX_CONSECUTIVE_ERRORS = 10
 BLOCK_SIZE = 64 * 1024
-SECRET = "********"  # what the trace shows instead of a password or SASL response
 
 log = Logger()
 
@@ -90,24 +96,8 @@ COMMANDS = {
     "DELE": _TRANSACTION, "NOOP": _TRANSACTION, "RSET": _TRANSACTION,
     "TOP": _TRANSACTION, "UIDL": _TRANSACTION,
 }
-# Commands whose argument is (or holds) a secret: the trace shows the command only.
-_SECRET_ARGUMENTS = {"PASS": 0, "APOP": 1, "AUTH": 1}  # words of the argument kept
-
 _TOO_LONG = object()  # what the line reader returns for a discarded over-long line
 _PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection"
-
-
-def redact(line: bytes) -> str:
-    """The command line as the trace may show it: secrets replaced by ``********``."""
-    text = line.decode("utf-8", "replace")
-    keyword, _, argument = text.partition(" ")
-    kept = _SECRET_ARGUMENTS.get(keyword.upper())
-    if kept is None or not argument:
-        return text
-    words = argument.split()
-    if len(words) <= kept:
-        return text
-    return " ".join([keyword, *words[:kept], SECRET])
 
 
 class _TopFilter:
@@ -334,7 +324,8 @@ class POP3Server(LineSession):
                 self._sasl_response(line)
             else:
                 if self.events.wants("command"):
-                    self.events.publish("command", self.info, line=redact(line))
+                    self.events.publish("command", self.info,
+                                        line=redact(line.decode("utf-8", "replace")))
                 self._command(line)
         except Exception:
             log.failure("POP3 internal error for {peer}", peer=self.info.client)

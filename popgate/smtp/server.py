@@ -45,6 +45,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from popgate.addresses import AddressError, parse_path
+from popgate.auth.login import redact
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
 from popgate.lineproto import LOCAL_PEER, LineSession, SessionFactory
 from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, storage_refusal
@@ -54,7 +55,6 @@ from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
 _MAX_SIZE_DIGITS = 20
-SECRET = "********"  # what events show instead of a secret a client sent
 # Replies sent for every message, encoded once.
 _MAIL_OK = b"250 2.1.0 Ok\r\n"
 _RCPT_OK = b"250 2.1.5 Ok\r\n"
@@ -256,7 +256,9 @@ class SMTPServer(LineSession):
             self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=_without_secret(text))
+            # No AUTH here, but a client may send one anyway, with its password in the
+            # initial response (RFC 4954 §4), or a POP3 PASS: never published.
+            self.events.publish("command", self.info, line=redact(text))
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
@@ -730,17 +732,6 @@ class SMTPServer(LineSession):
             self._answer(refusal)
         else:
             self._reply(250, "2.0.0", f"{chunk.size} octets received")
-
-
-def _without_secret(line: str) -> str:
-    """The command as events show it.  There is no AUTH here, but a client may still send
-    one with an initial response (RFC 4954 §4: PLAIN's holds the password); like every
-    protocol, this one publishes no secret (docs/design.md)."""
-    verb, _, rest = line.partition(" ")
-    mechanism, _, response = rest.strip(" ").partition(" ")
-    if verb.upper() == "AUTH" and response.strip(" "):
-        return f"{verb} {mechanism} {SECRET}"
-    return line
 
 
 def _parse_address(path: str, smtputf8: bool, enhanced: str):
