@@ -1026,6 +1026,25 @@ class TimeoutTests(SMTPFixture, TestCase):
         self.make_factory(smtp__command_timeout=300, smtp__data_timeout=180,
                           smtp__max_session_time=1000)
 
+    def test_the_session_limit_waits_for_a_commit_in_flight(self):
+        """A message being made durable is answered before the 421: its 250 must not be
+        lost (the client would send it again, and it would be stored twice)."""
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads, smtp__max_session_time=100)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n")
+        threads.run_next()  # the files open
+        self.clock.advance(90)
+        self.assertReplies(client.send(MESSAGE + b"NOOP\r\n"), [])  # the commit waits
+        self.clock.advance(10)  # the session's time is up
+        self.assertEqual(client.replies(), [])
+        self.assertFalse(client.closed)
+        threads.run_next()
+        self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as",
+                                              f"421 4.4.2 {HOSTNAME} Error: session time"])
+        self.assertTrue(client.closed)
+        self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
+
     def test_command_timeout(self):
         client = self.connect()
         self.clock.advance(299)

@@ -116,6 +116,7 @@ class SMTPServer(LineSession):
         self._chunk: Chunk | None = None  # the BDAT chunk being read (Mode.CHUNK)
         self._idle_timer = None
         self._session_timer = None
+        self._expired: str | None = None  # the session's time ran out during a commit
 
     # -- connection ------------------------------------------------------------------
 
@@ -174,6 +175,11 @@ class SMTPServer(LineSession):
         self._idle_timer = self._session_timer = None
 
     def _timed_out(self, what: str) -> None:
+        if self.operation in self.finish_on_shutdown:
+            # A message being made durable is answered first, as in a drain: a lost 250
+            # would make the client send it again (see _done_waiting).
+            self._expired = what
+            return
         self._reply(421, "4.4.2", f"{self.factory.hostname} Error: {what} exceeded")
         self.close(f"{what} in {self._mode.value}")
 
@@ -323,6 +329,10 @@ class SMTPServer(LineSession):
         if self._owed is not d:
             return
         self._owed = None
+        if self._expired is not None:
+            self.operation = None
+            self._timed_out(self._expired)
+            return
         self._restart_idle_timer()
         self.end_operation()
 
