@@ -1200,6 +1200,21 @@ class TimeoutTests(POP3TestCase):
         self.assertTrue(session.closed)
         self.assertEqual(session.take(), b"", "RFC 1939 §3: no response on autologout")
 
+    def test_an_update_under_way_is_answered_when_the_session_time_is_up(self):
+        """QUIT was answered by the deletions, not yet by the +OK: a timeout then must not
+        hide from the client that its messages are gone."""
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread,
+                                         **{"pop3.max_session_time": 100})
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        self.clock.advance(100)
+        pending.pop()()
+        self.assertEqual(session.take(), b"+OK popgate signing off (1 message deleted)\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(self.message_files(), [])
+
     def test_commands_reset_the_idle_timer(self):
         session = self.connect()
         for _ in range(10):

@@ -235,8 +235,10 @@ class POP3Server(LineSession):
         super().close(reason)
 
     def _timed_out(self, reason: str) -> None:
-        # RFC 1939 §3: close without a response and without entering UPDATE.
-        self.close(reason)
+        # RFC 1939 §3: close without a response and without entering UPDATE.  Once QUIT
+        # has entered it, the UPDATE is answered and closes the session itself.
+        if self.operation != "update":
+            self.close(reason)
 
     def _reset_idle_timer(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
