@@ -1443,6 +1443,24 @@ class SessionEventTests(POP3TestCase):
         self.assertIn("retrieved message 1: 20 octets as listed; Subject: a", summaries)
 
 
+class UpdateOnADroppedConnectionTests(POP3TestCase):
+    def test_the_session_end_counts_what_the_update_removed(self):
+        """A client that hangs up right after QUIT: the UPDATE goes on, and the session's
+        closing line, logged at once, says what it is removing (not del=0)."""
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        session.drop()
+        [closed] = self.recorder.of("closed")
+        self.assertEqual((closed.data["deleted"], closed.data["reason"]),
+                         (1, "client closed the connection"))
+        pending.pop()()
+        self.assertEqual(self.message_files(), [])
+        self.open_session()  # the lock was released
+
+
 class ShutdownDrainTests(POP3TestCase):
     """SIGTERM: idle sessions get -ERR [SYS/TEMP]; an UPDATE in flight is answered first."""
 

@@ -194,6 +194,7 @@ class POP3Server(LineSession):
         self._login: defer.Deferred | None = None
         self._update: defer.Deferred | None = None  # the UPDATE in progress
         self._removed = (0, 0)  # messages and octets the UPDATE state removed
+        self._marked = (0, 0)  # ... and those it set out to remove
         self._idle_timer = None
         self._session_timer = None
 
@@ -219,7 +220,12 @@ class POP3Server(LineSession):
         if self._login is not None:
             self._login.cancel()
         self._drop_stream()
-        if self._update is None:  # else the UPDATE under way logs out when it is done
+        removed = self._removed
+        if self._update is not None:
+            # The UPDATE under way logs out when it is done; the session's end is logged
+            # now (the process may stop first), with what that UPDATE is removing.
+            removed = self._marked
+        else:
             self._log_out()
         maildrop = self._maildrop
         self.events.publish(
@@ -227,8 +233,7 @@ class POP3Server(LineSession):
             duration=self.clock.seconds() - self.started_at,
             retrieved=maildrop.retrieved_count if maildrop else 0,
             retrieved_octets=maildrop.retrieved_octets if maildrop else 0,
-            deleted=self._removed[0], deleted_octets=self._removed[1],
-            tls=self._tls_label())
+            deleted=removed[0], deleted_octets=removed[1], tls=self._tls_label())
 
     def close(self, reason: str) -> None:
         self._drop_stream()
@@ -558,7 +563,7 @@ class POP3Server(LineSession):
         self.state = State.UPDATE
         self._publish_state()
         self.begin_operation("update")
-        marked = (self._maildrop.deleted_count, self._maildrop.deleted_octets)
+        marked = self._marked = (self._maildrop.deleted_count, self._maildrop.deleted_octets)
         self._update = update = self._maildrop.commit()
         update.addCallbacks(self._updated, self._update_failed, callbackArgs=(marked,))
         update.addErrback(self._unexpected)
