@@ -93,7 +93,7 @@ class LimitsConfig:
     max_sessions: int = 1000
     max_sessions_per_ip: int = 20
     trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128")
-    # Peers allowed to send a PROXY protocol header on haproxy: listeners (DESIGN.md).
+    # Peers allowed to send a PROXY protocol header on haproxy: listeners (see popgate/proxy.py).
     trusted_proxies: tuple[str, ...] = ()
     auth_delay: float = 2.0
     auth_delay_max: float = 15.0

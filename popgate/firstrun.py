@@ -28,8 +28,9 @@ from popgate.tls import LOCAL_NAMES, make_selfsigned
 
 # The names the socket units give their sockets, and where the configuration takes them.
 SOCKETS = {
-    "smtp.listen": ("smtp", "submission"),
-    "smtp.tls_listen": ("smtps",),
+    "smtp.listen": ("smtp",),
+    "submission.listen": ("submission",),  # 587, STARTTLS (RFC 6409)
+    "submission.tls_listen": ("smtps",),  # 465, implicit TLS (RFC 8314 §3.3)
     "pop3.listen": ("pop3",),
     "pop3.tls_listen": ("pop3s",),
 }

@@ -10,7 +10,8 @@
   while no reply is owed (:attr:`operation` is None), the output is not full and the
   session is not closing; a step started from inside the loop never re-enters it;
 * **back-pressure and the input bound**: reading stops while input waits behind an owed
-  reply, or once :attr:`max_backlog` octets wait behind a full output buffer; a single
+  reply, or once :attr:`max_backlog` octets wait unconsumed (behind a full output
+  buffer, or behind message files still being opened); a single
   read that overshoots four times that bound closes the session (the peer ignored
   back-pressure), so a client that pipelines without reading cannot make the server
   buffer without bound;
@@ -213,7 +214,8 @@ class LineSession(protocol.Protocol):
 
     def update_reading(self) -> None:
         """Stop reading the transport while input waits behind an owed reply, or once
-        :attr:`max_backlog` octets wait behind a full output buffer.
+        :attr:`max_backlog` octets wait unconsumed (behind a full output buffer, or behind
+        message files still being opened).
 
         Reading stops only once input actually waits (most waits end with nothing behind
         them, and each pause costs two system calls).  A full output buffer alone does not

@@ -18,7 +18,7 @@ _log = Logger()
 
 
 class TrustedProxyFactory(Factory):
-    """Builds protocols only for connections from trusted proxies (DESIGN.md).
+    """Builds protocols only for connections from trusted proxies.
 
     It sits inside Twisted's ``haproxy:`` wrapper, whose ``buildProtocol`` passes the
     address of the TCP peer, i.e. the proxy, before any header is read.

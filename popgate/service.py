@@ -81,9 +81,13 @@ class AuthThreadPool(Service):
         super().startService()
         self._pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self):
         super().stopService()
-        self._pool.stop()
+        # ThreadPool.stop joins the threads, which first run every check still queued
+        # (Twisted's thread team does not drop pending work): not on the reactor, which
+        # must go on answering what a drain lets finish.  twistd waits for the Deferred.
+        return threads.deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                         self._pool.stop)
 
     def run(self, f, *args):
         return threads.deferToThreadPool(self._reactor, self._pool, _at_low_priority, f, *args)

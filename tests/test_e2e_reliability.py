@@ -164,8 +164,14 @@ class CrashTests(TestCase):
         for token, copies in stored.items():
             self.assertIn(token, ledger.sent, "a message nobody sent (damaged headers?)")
             digest, rcpts = ledger.sent[token]
-            self.assertEqual(sorted(user for user, _ in copies), sorted(rcpts),
-                             f"{token}: a copy missing or duplicated")
+            users = sorted(user for user, _ in copies)
+            if token in ledger.acknowledged:
+                self.assertEqual(users, sorted(rcpts), f"{token}: a copy missing or duplicated")
+            else:
+                # Killed between two copies' renames, before its 250: each copy is whole,
+                # the client sends it again (at least once), and no copy is doubled.
+                self.assertLessEqual(set(users), set(rcpts), f"{token}: a copy for nobody")
+                self.assertEqual(len(users), len(set(users)), f"{token}: a copy doubled")
             for user, copy in copies:
                 self.assertEqual(hashlib.sha256(copy).digest(), digest,
                                  f"{token} for {user} is damaged or partial")

@@ -72,6 +72,15 @@ class LayerRuleTests(TestCase):
             self.assertEqual(offending(layer, ("popgate.observe", "popgate.web",
                                                "popgate.service")), [], layer)
 
+    def test_nothing_below_the_wiring_point_imports_an_observer(self):
+        """Rule 4 for every module, not only the protocols: only service.py (and tap.py,
+        for the JSON log) reach observe/ and web/, which reach each other."""
+        above = ("popgate/service.py", "popgate/tap.py", "popgate/observe/", "popgate/web/")
+        found = [f"{module} imports {name}" for module, names in sorted(modules("").items())
+                 if not module.startswith(above) for name in sorted(names)
+                 if name.startswith(("popgate.observe", "popgate.web", "popgate.service"))]
+        self.assertEqual(found, [])
+
     def test_observers_know_only_the_events(self):
         """The trace, metrics, logs and dashboard see sessions only through the events
         (and the Maildirs through the store's read-only survey)."""

@@ -68,7 +68,8 @@ class ServiceUserTests(TestCase):
         serves (it is then stopped)."""
         args = [twistd_path(), "-n", "--pidfile=", "--logfile=-", "--uid", "nobody",
                 "--gid", str(self.nobody.pw_gid), "popgate", "--data-dir", self.data,
-                "--smtp", "tcp:0:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1"]
+                "--smtp", "tcp:0:interface=127.0.0.1", "--pop3", "tcp:0:interface=127.0.0.1",
+                "--submission", "tcp:0:interface=127.0.0.1"]
         process = subprocess.Popen(args, env=child_env(), cwd=os.path.dirname(self.data),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.addCleanup(process.wait, 30)

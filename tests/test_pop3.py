@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import random
 import subprocess
@@ -29,7 +30,7 @@ from popgate.auth.penalty import CHECKS_PER_ADDRESS, AuthPenalty, ChecksPerAddre
 from popgate.auth.users import PasswordChecker, UserDB, UserFile, hash_password
 from popgate.limits import ConnectionLimiter
 from popgate.pop3 import server as pop3
-from popgate.pop3.realm import MaildropRealm, apply_update
+from popgate.pop3.realm import Maildrop, MaildropRealm, apply_update
 from popgate.store.maildir import Maildir, MaildirStore, commit
 from tests.fakes import synchronous
 from tests.transcript import Connection, observed_bus
@@ -953,6 +954,21 @@ class TopTests(POP3TestCase):
 
 
 class StreamingTests(POP3TestCase):
+    def test_any_binary_stream_from_the_realm_will_do(self):
+        """docs/design.md: the protocol reaches mail only through IMaildrop.open(n), "a
+        binary stream"; another store's stream need not be an OS file."""
+        body = b"Subject: a\n\n" + b".dot\n" * 30
+        self.deliver(body)
+        self.patch(Maildrop, "open", lambda maildrop, number: io.BytesIO(
+            read(maildrop.message(number).path)))
+        for block_size in (7, 64 * 1024):
+            self.patch(pop3.POP3Server, "block_size", block_size)
+            session = self.open_session()
+            reply = session.send(b"RETR 1\r\nTOP 1 1\r\n")
+            self.assertEqual(reply, b"+OK %d octets\r\n" % (len(body) + 32) + wire(body)
+                             + b"+OK Top of message follows\r\n" + wire(body[:17]))
+            session.command("QUIT")
+
     def test_dot_stuffing_at_every_block_boundary(self):
         body = b"".join(b"." * (n % 4) + b"x" * (n % 3) + b"\n" for n in range(60)) + b".\n"
         self.deliver(body)
@@ -1184,6 +1200,21 @@ class TimeoutTests(POP3TestCase):
         self.assertTrue(session.closed)
         self.assertEqual(session.take(), b"", "RFC 1939 §3: no response on autologout")
 
+    def test_an_update_under_way_is_answered_when_the_session_time_is_up(self):
+        """QUIT was answered by the deletions, not yet by the +OK: a timeout then must not
+        hide from the client that its messages are gone."""
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread,
+                                         **{"pop3.max_session_time": 100})
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        self.clock.advance(100)
+        pending.pop()()
+        self.assertEqual(session.take(), b"+OK popgate signing off (1 message deleted)\r\n")
+        self.assertTrue(session.closed)
+        self.assertEqual(self.message_files(), [])
+
     def test_commands_reset_the_idle_timer(self):
         session = self.connect()
         for _ in range(10):
@@ -1412,6 +1443,24 @@ class SessionEventTests(POP3TestCase):
         self.assertIn("retrieved message 1: 20 octets as listed; Subject: a", summaries)
 
 
+class UpdateOnADroppedConnectionTests(POP3TestCase):
+    def test_the_session_end_counts_what_the_update_removed(self):
+        """A client that hangs up right after QUIT: the UPDATE goes on, and the session's
+        closing line, logged at once, says what it is removing (not del=0)."""
+        self.deliver(b"Subject: a\n\nbody\n")
+        run_in_thread, pending = holding_the_update()
+        self.factory = self.make_factory(run_in_thread=run_in_thread)
+        session = self.open_session()
+        session.send(b"DELE 1\r\nQUIT\r\n")
+        session.drop()
+        [closed] = self.recorder.of("closed")
+        self.assertEqual((closed.data["deleted"], closed.data["reason"]),
+                         (1, "client closed the connection"))
+        pending.pop()()
+        self.assertEqual(self.message_files(), [])
+        self.open_session()  # the lock was released
+
+
 class ShutdownDrainTests(POP3TestCase):
     """SIGTERM: idle sessions get -ERR [SYS/TEMP]; an UPDATE in flight is answered first."""
 
@@ -1451,3 +1500,35 @@ class ShutdownDrainTests(POP3TestCase):
         sent = session.drain()
         self.assertTrue(sent.endswith(b"\r\n.\r\n-ERR [SYS/TEMP] Server shutting down, "
                                       b"try again later\r\n"), sent[-80:])
+
+    def hold_password_checks(self) -> list:
+        checks = []
+
+        def run_later(f, *args):
+            d = defer.Deferred()
+            checks.append(lambda: d.callback(f(*args)))
+            return d
+
+        self.checker = PasswordChecker(self.users, run_later)
+        self.factory = self.make_factory()
+        return checks
+
+    def test_a_login_in_progress_gets_the_goodbye_only(self):
+        """The goodbye answers the PASS; the login's own answer, due later, is not sent
+        after it (one command, one reply), and its mailbox lock is not kept."""
+        for password in ("wrong", "pw"):
+            checks = self.hold_password_checks()
+            session = self.connect()
+            session.take()
+            session.send(f"USER alice@example.org\r\nPASS {password}\r\n".encode())
+            d = self.factory.sessions.drain(5)
+            self.assertEqual(session.take(),
+                             b"-ERR [SYS/TEMP] Server shutting down, try again later\r\n")
+            checks.pop()()
+            self.clock.advance(60)
+            self.assertEqual(session.take(), b"", password)
+            session.drop()
+            self.successResultOf(d)
+        self.checker = PasswordChecker(self.users, synchronous)
+        self.factory = self.make_factory()
+        self.open_session()  # the mailbox is not locked

@@ -5,13 +5,12 @@ from __future__ import annotations
 import os
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
 from twisted.trial import unittest
 
 from popgate.auth.users import UserDB, UserFile, hash_password
 from popgate.pop3.realm import IMaildrop, MailboxInUse, Maildrop, MaildropRealm, NoSuchMessage
 from popgate.store.maildir import MaildirStore, commit
-from tests.fakes import synchronous
+from tests.fakes import Deferring, synchronous
 
 
 class RealmTestCase(unittest.TestCase):
@@ -72,13 +71,32 @@ class RealmTestCase(unittest.TestCase):
         failure.trap(NotImplementedError)
 
     def test_failed_scan_releases_the_lock(self):
-        def broken(f, *args):
-            return defer.fail(OSError("disk on fire"))
+        def broken():
+            raise OSError("disk on fire")
 
-        realm = MaildropRealm(self.users, self.store, broken)
-        failure = self.failureResultOf(realm.requestAvatar("alice@example.org", None, IMaildrop))
+        self.patch(self.maildir, "scan", broken)
+        failure = self.failureResultOf(
+            self.realm.requestAvatar("alice@example.org", None, IMaildrop))
         failure.trap(OSError)
+        self.patch(self.maildir, "scan", lambda: [])
         self.open()[2]()  # the lock is free again
+
+    def test_no_file_is_made_or_locked_on_the_reactor(self):
+        """docs/design.md: file creation runs in threads.  A first login creates the
+        Maildir, and every login opens (creates) and flocks its lock file: on GlusterFS
+        or NFS each is a round trip to the servers."""
+        UserFile(self.users.path).add("bob@example.org", hash_password("pw", "PLAIN"))
+        threads = Deferring()
+        realm = MaildropRealm(self.users, self.store, threads)
+        d = realm.requestAvatar("bob@example.org", None, IMaildrop)
+        maildir_path = os.path.join(self.store.root, "example.org", "bob", "Maildir")
+        self.assertFalse(os.path.exists(maildir_path))
+        while threads.calls:
+            threads.run_next()
+        _, maildrop, logout = self.successResultOf(d)
+        self.addCleanup(logout)
+        self.assertEqual(maildrop.count(), 0)
+        self.assertTrue(os.path.exists(os.path.join(maildir_path, "popgate.lock")))
 
     def test_message_numbers_and_deletion_marks(self):
         for n in range(3):

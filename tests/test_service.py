@@ -1,10 +1,14 @@
 """makeService's own services: the periodic sweep of stale tmp/ files (issue 12)."""
 
+import threading
+import time
+
+from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
-from popgate.service import TmpSweepService
+from popgate.service import AuthThreadPool, TmpSweepService
 from tests.fakes import Deferring
 
 
@@ -47,3 +51,27 @@ class TmpSweepServiceTests(unittest.TestCase):
         service.stopService()
         clock.advance(600)
         self.assertEqual(threads.calls, [])
+
+
+class AuthThreadPoolTests(unittest.TestCase):
+    def test_stopping_does_not_block_the_reactor(self):
+        """ThreadPool.stop joins its threads, which first run every check still queued:
+        on SIGTERM the reactor must go on answering the drain's sessions meanwhile."""
+        from twisted.internet import reactor
+
+        pool = AuthThreadPool(reactor, size=1)
+        pool.startService()
+        release = threading.Event()
+        started = threading.Event()
+
+        def hashing():
+            started.set()
+            release.wait(5)
+
+        checks = [pool.run(hashing), pool.run(hashing)]  # one running, one queued
+        self.assertTrue(started.wait(5))
+        began = time.monotonic()
+        stopped = pool.stopService()
+        self.assertLess(time.monotonic() - began, 1.0, "stopService waited for the pool")
+        release.set()
+        return defer.gatherResults([*checks, defer.maybeDeferred(lambda: stopped)])

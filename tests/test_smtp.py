@@ -501,6 +501,9 @@ class SequenceAndSyntaxTests(SMTPFixture, TestCase):
         client.send(EHLO + MAIL)
         for _ in range(3):
             client.send(b"RCPT TO:<nobody@example.org>\r\n")
+        # A client guessing addresses is one cause too: the reply's text quotes each one.
+        for guess in ("a", "b", "c"):
+            client.send(f"RCPT TO:<{guess}@example.org>\r\n".encode())
         refused = [formatEvent(e) for e in events if "refused:" in formatEvent(e)]
         self.assertEqual(len(refused), 1, refused)
         self.assertIn("192.0.2.10", refused[0])
@@ -796,6 +799,35 @@ class BDATTests(SMTPFixture, TestCase):
             replies += client.replies()
         self.assertReplies(replies, ["250 2.0.0 Ok: queued as", "250 2.1.0", "250 2.0.0"])
 
+    def test_connection_lost_while_the_files_of_an_empty_chunk_are_opened(self):
+        """BDAT 0 (LAST or not) ends its chunk as soon as the files are open: if the
+        session went away meanwhile there is no message left to end, and no error."""
+        for command in (b"BDAT 0 LAST\r\n", b"BDAT 0\r\n"):
+            threads = Deferring()
+            self.make_factory(run_in_thread=threads)
+            client = self.connect()
+            client.send(EHLO + MAIL + RCPT_ALICE + command)
+            client.disconnect()
+            while threads.calls:
+                threads.run_next()
+            self.assertEqual(self.flushLoggedErrors(), [], command)
+            self.check_nothing_stored()
+
+    def test_a_drain_while_the_files_of_an_empty_chunk_are_opened(self):
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"BDAT 0 LAST\r\n")
+        d = self.factory.sessions.drain(5)
+        self.assertReplies(client.replies(), ["421 4.3.2"])
+        while threads.calls:
+            threads.run_next()
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertEqual(client.replies(), [])
+        client.disconnect()
+        self.successResultOf(d)
+        self.check_nothing_stored()
+
     def test_chunks(self):
         self.assertTranscript([
             (EHLO, ["250-"]), (MAIL, ["250"]), (RCPT_ALICE, ["250"]),
@@ -993,6 +1025,25 @@ class TimeoutTests(SMTPFixture, TestCase):
         super().setUp()
         self.make_factory(smtp__command_timeout=300, smtp__data_timeout=180,
                           smtp__max_session_time=1000)
+
+    def test_the_session_limit_waits_for_a_commit_in_flight(self):
+        """A message being made durable is answered before the 421: its 250 must not be
+        lost (the client would send it again, and it would be stored twice)."""
+        threads = Deferring()
+        self.make_factory(run_in_thread=threads, smtp__max_session_time=100)
+        client = self.connect()
+        client.send(EHLO + MAIL + RCPT_ALICE + b"DATA\r\n")
+        threads.run_next()  # the files open
+        self.clock.advance(90)
+        self.assertReplies(client.send(MESSAGE + b"NOOP\r\n"), [])  # the commit waits
+        self.clock.advance(10)  # the session's time is up
+        self.assertEqual(client.replies(), [])
+        self.assertFalse(client.closed)
+        threads.run_next()
+        self.assertReplies(client.replies(), ["250 2.0.0 Ok: queued as",
+                                              f"421 4.4.2 {HOSTNAME} Error: session time"])
+        self.assertTrue(client.closed)
+        self.assertEqual(len(self.maildir_files("alice@example.org")), 1)
 
     def test_command_timeout(self):
         client = self.connect()
@@ -1194,6 +1245,16 @@ class MessageCheckTests(SMTPFixture, TestCase):
 
 
 class SessionEventTests(SMTPFixture, TestCase):
+    def test_an_unoffered_auth_is_published_without_its_secret(self):
+        """popgate's SMTP offers no AUTH, but a client may still send its password in an
+        initial response (RFC 4954 §4): the command event never carries it."""
+        client = self.connect()
+        secret = "AGFsaWNlAHMzY3JldA=="  # PLAIN: alice / s3cret
+        sent = f"AUTH PLAIN {secret}\r\nAUTH LOGIN\r\nPASS s3cret\r\n"  # or a POP3 client
+        self.assertReplies(client.send(sent.encode()), ["500 5.5.2"] * 3)
+        commands = [e.data["line"] for e in self.recorder.of("command")]
+        self.assertEqual(commands, ["AUTH PLAIN ********", "AUTH LOGIN", "PASS ********"])
+
     def test_a_session_publishes_what_it_does(self):
         client = self.connect()
         client.send(EHLO + MAIL + RCPT_ALICE + b"RCPT TO:<nobody@example.org>\r\n"

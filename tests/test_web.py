@@ -6,6 +6,7 @@ import os
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -285,6 +286,34 @@ class SiteTests(TestCase):
         response, _ = yield self.get("/api/mailboxes",
                                      {b"cookie": [cookie.split(b";")[0]]})
         self.assertEqual(response.code, 200)
+
+    @defer.inlineCallbacks
+    def test_a_failed_answer_logs_no_token(self):
+        """The token may be in the URL (?token=): an error's log line names the path only."""
+
+        class FailingWatch:
+            latest = []
+
+            def listen(self, listener):
+                pass
+
+            def fresh(self):
+                return defer.fail(RuntimeError("survey broke"))
+
+        logged = []
+        globalLogPublisher.addObserver(logged.append)
+        self.addCleanup(globalLogPublisher.removeObserver, logged.append)
+        board = LabBoard(reactor, FailingWatch())
+        port = reactor.listenTCP(0, build_site(board, reactor, "s3cret-token"),
+                                 interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        response, _ = yield self.get("/api/mailboxes?token=s3cret-token")
+        self.assertEqual(response.code, 500)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        text = "".join(formatEvent(e) + repr(e) for e in logged)
+        self.assertIn("/api/mailboxes", text)
+        self.assertNotIn("s3cret-token", text)
 
     @defer.inlineCallbacks
     def test_event_stream(self):

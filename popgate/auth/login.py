@@ -22,7 +22,9 @@ otherwise (RFC 2595 §2.3, RFC 4954 §4).
 
 Secrets: an attempt carries the credentials for the portal and a short fingerprint for
 the penalty (so that a client retrying one stale password counts once); its ``repr``
-shows neither.  Concurrency: reactor thread; time from the injected clock.
+shows neither.  :func:`redact` is the command line as every protocol publishes it (a
+password, an APOP digest, a SASL initial response replaced by :data:`SECRET`).
+Concurrency: reactor thread; time from the injected clock.
 """
 
 from __future__ import annotations

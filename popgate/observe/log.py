@@ -9,13 +9,15 @@ port, so that two sessions from one host can be told apart::
     POP3 [K3F9b] 192.0.2.1:40002 closed (quit): user=alice@example.org retr=1/634 del=1/634 0.4 s
 
 The event's fields travel with each line (``log_format`` renders them; a JSON log keeps
-them as fields).  Refusals are rate-limited per client and reason (one line a minute),
-so a client hammering bad commands cannot flood the log.  Commands and replies are not
-logged here: that is the protocol trace's job.  Secrets never arrive: the events carry
-none.  Reactor thread only.
+them as fields).  Refusals are rate-limited per client and cause (one line a minute; see
+:func:`refusal_cause`), so a client hammering bad commands cannot flood the log.
+Commands and replies are not logged here: that is the protocol trace's job.  Secrets
+never arrive: the events carry none.  Reactor thread only.
 """
 
 from __future__ import annotations
+
+import re
 
 from twisted.logger import Logger
 
@@ -23,7 +25,15 @@ from popgate.events import Event, EventBus
 from popgate.loglimit import LogLimiter
 
 _log = Logger(namespace="popgate.session")
+_SMTP_CODES = re.compile(r"[245]\d\d(?: [245]\.\d{1,3}\.\d{1,3})?(?= |\Z)")
 
+
+def refusal_cause(data) -> str:
+    """What a ``refused`` event counts as, for log rate limits and metric labels: an SMTP
+    reply's code and enhanced code (``550 5.1.1``: its text may quote the client, such as
+    each address a guesser tries), else the protocol's reason."""
+    found = _SMTP_CODES.match(data.get("reply") or "")
+    return found.group(0) if found else data.get("reason", "")
 
 
 class SessionLog:
@@ -75,7 +85,7 @@ class SessionLog:
                           + (f" {data['tls']}" if data.get("tls") else ""))
 
     def _refused(self, event: Event) -> None:
-        key = (event.session.client_host, event.session.protocol, event.data["reason"])
+        key = (event.session.client_host, event.session.protocol, refusal_cause(event.data))
         if self._refusals.allow(key):
             self._emit(event, f"refused: {event.data['reply'] or event.data['reason']}", "warn")
 

@@ -28,7 +28,6 @@ Reactor thread only, except :meth:`MetricsPage.render_GET`, which also runs ther
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -37,9 +36,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web.resource import Resource
 
 from popgate.events import Event, EventBus
+from popgate.observe.log import refusal_cause
 
 MAX_REASONS = 50
-_SMTP_CODES = re.compile(r"[245]\d\d(?: [245]\.\d{1,3}\.\d{1,3})?(?= |\Z)")
 _POP3_COMMANDS = {"retrieved": "RETR", "topped": "TOP", "deleted": "DELE"}
 # From a loopback fsync (under a millisecond) to a slow disk or a busy group commit.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -117,8 +116,7 @@ class Metrics:
         """The refusal's label: an SMTP reply's code and enhanced code ("550 5.1.1"; its
         text may quote the client), else the protocol's reason.  Bounded: a label never
         seen once MAX_REASONS are known is "other"."""
-        found = _SMTP_CODES.match(data.get("reply") or "")
-        reason = found.group(0) if found else data.get("reason", "")
+        reason = refusal_cause(data)
         if reason in self._reasons:
             return reason
         if len(self._reasons) >= MAX_REASONS:

@@ -16,8 +16,10 @@ callable returned with the avatar releases the lock and deletes nothing, which i
 dropped connection or a timeout must do (RFC 1939 §6).
 
 Concurrency: everything here runs on the reactor thread except the disk work handed to
-the injected ``run_in_thread(f, *args) -> Deferred`` (the scan and the commit).  The lock
-is taken on the reactor thread: it is a non-blocking ``flock``.
+the injected ``run_in_thread(f, *args) -> Deferred``: the login's (creating the Maildir
+on first use, opening and ``flock``-ing its lock file, the scan: on GlusterFS or NFS each
+is a round trip to the servers) and the commit.  The lock's release, at logout, runs on
+the reactor thread, before a QUIT's ``+OK`` (see :class:`~popgate.store.maildir.MailboxLock`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,14 @@ from twisted.cred.portal import IRealm
 from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
-from popgate.auth.users import UserDB
-from popgate.store.maildir import MailboxLocked, Maildir, MaildirStore, MessageInfo
+from popgate.auth.users import User, UserDB
+from popgate.store.maildir import (
+    MailboxLock,
+    MailboxLocked,
+    Maildir,
+    MaildirStore,
+    MessageInfo,
+)
 
 RunInThread = Callable[..., defer.Deferred]
 
@@ -68,8 +76,9 @@ class IMaildrop(Interface):
         """The message ``number``; raise NoSuchMessage if it does not exist or is deleted."""
 
     def open(number: int) -> BinaryIO:
-        """Message ``number`` as stored (LF line ends), a binary stream the caller closes;
-        raise NoSuchMessage as :meth:`message` does, OSError if it cannot be read."""
+        """Message ``number`` as stored (LF line ends), a seekable binary stream (a file
+        or not) that the caller closes; raise NoSuchMessage as :meth:`message` does,
+        OSError if it cannot be read."""
 
     def listing() -> list[tuple[int, MessageInfo]]:
         """``(number, message)`` for every message not marked deleted, in order."""
@@ -192,18 +201,25 @@ class MaildropRealm:
         user = self._users.get(name)
         if user is None:
             raise UnauthorizedLogin()
-        maildir = self._store.maildir(user)
-        try:
-            lock = maildir.lock()
-        except MailboxLocked:
-            raise MailboxInUse() from None
 
-        def opened(messages: list[MessageInfo]):
+        def opened(result: tuple[Maildir, MailboxLock, list[MessageInfo]]):
+            maildir, lock, messages = result
             maildrop = Maildrop(user.name, maildir, messages, self._run_in_thread)
             return IMaildrop, maildrop, lock.release
 
-        def failed(failure):
-            lock.release()
-            return failure
+        return self._run_in_thread(lock_and_scan, self._store, user).addCallback(opened)
 
-        return self._run_in_thread(maildir.scan).addCallbacks(opened, failed)
+
+def lock_and_scan(store: MaildirStore, user: User):
+    """Runs in a thread: the user's Maildir (made on first use), its lock (MailboxInUse if
+    another session holds it) and a scan; the lock is released if the scan fails."""
+    maildir = store.maildir(user)
+    try:
+        lock = maildir.lock()
+    except MailboxLocked:
+        raise MailboxInUse() from None
+    try:
+        return maildir, lock, maildir.scan()
+    except BaseException:
+        lock.release()
+        raise

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import enum
+import io
 import os
 import secrets
 from collections.abc import Callable
@@ -89,7 +90,6 @@ COMMANDS = {
     "DELE": _TRANSACTION, "NOOP": _TRANSACTION, "RSET": _TRANSACTION,
     "TOP": _TRANSACTION, "UIDL": _TRANSACTION,
 }
-
 _TOO_LONG = object()  # what the line reader returns for a discarded over-long line
 _PLAINTEXT_REFUSED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connection"
 
@@ -132,9 +132,11 @@ class _MessageStream:
 
     def __init__(self, file: BinaryIO, block_size: int, body_lines: int | None):
         self._file = file
-        # Maildir messages never change once delivered: knowing the size lets the last
-        # block carry the terminator, so a small message is a single write.
-        self._remaining = os.fstat(self._file.fileno()).st_size
+        # Stored messages never change once delivered: knowing the size lets the last
+        # block carry the terminator, so a small message is a single write.  Any seekable
+        # binary stream will do (IMaildrop.open), not only an OS file.
+        self._remaining = file.seek(0, io.SEEK_END)
+        file.seek(0)
         self._block_size = block_size
         self._encoder = DotEncoder()
         self._top = _TopFilter(body_lines) if body_lines is not None else None
@@ -186,6 +188,7 @@ class POP3Server(LineSession):
         self._login: defer.Deferred | None = None
         self._update: defer.Deferred | None = None  # the UPDATE in progress
         self._removed = (0, 0)  # messages and octets the UPDATE state removed
+        self._marked = (0, 0)  # ... and those it set out to remove
         self._idle_timer = None
         self._session_timer = None
 
@@ -211,7 +214,12 @@ class POP3Server(LineSession):
         if self._login is not None:
             self._login.cancel()
         self._drop_stream()
-        if self._update is None:  # else the UPDATE under way logs out when it is done
+        removed = self._removed
+        if self._update is not None:
+            # The UPDATE under way logs out when it is done; the session's end is logged
+            # now (the process may stop first), with what that UPDATE is removing.
+            removed = self._marked
+        else:
             self._log_out()
         maildrop = self._maildrop
         self.events.publish(
@@ -219,16 +227,17 @@ class POP3Server(LineSession):
             duration=self.clock.seconds() - self.started_at,
             retrieved=maildrop.retrieved_count if maildrop else 0,
             retrieved_octets=maildrop.retrieved_octets if maildrop else 0,
-            deleted=self._removed[0], deleted_octets=self._removed[1],
-            tls=self._tls_label())
+            deleted=removed[0], deleted_octets=removed[1], tls=self._tls_label())
 
     def close(self, reason: str) -> None:
         self._drop_stream()
         super().close(reason)
 
     def _timed_out(self, reason: str) -> None:
-        # RFC 1939 §3: close without a response and without entering UPDATE.
-        self.close(reason)
+        # RFC 1939 §3: close without a response and without entering UPDATE.  Once QUIT
+        # has entered it, the UPDATE is answered and closes the session itself.
+        if self.operation != "update":
+            self.close(reason)
 
     def _reset_idle_timer(self) -> None:
         if self._idle_timer is not None and self._idle_timer.active():
@@ -316,7 +325,8 @@ class POP3Server(LineSession):
                 self._sasl_response(line)
             else:
                 if self.events.wants("command"):
-                    self.events.publish("command", self.info, line=redact(line))
+                    self.events.publish("command", self.info,
+                                        line=redact(line.decode("utf-8", "replace")))
                 self._command(line)
         except Exception:
             log.failure("POP3 internal error for {peer}", peer=self.info.client)
@@ -342,7 +352,14 @@ class POP3Server(LineSession):
     # -- output --------------------------------------------------------------------------
 
     def _write(self, data: bytes, lines: int = 1, summary: str | None = None) -> None:
-        """Write one reply (its status line first) and show it to observers."""
+        """Write one reply (its status line first) and show it to observers.
+
+        Nothing is written once the session is closing: its last reply (a goodbye, the
+        answer to QUIT) is out, and an answer that comes due later (a login that ends
+        after a drain's goodbye) would be a second reply to one command.
+        """
+        if self.closing:
+            return
         self.transport.write(data)
         if self.events.wants("reply"):
             first = data.split(b"\r\n", 1)[0].decode("utf-8", "replace")
@@ -540,7 +557,7 @@ class POP3Server(LineSession):
         self.state = State.UPDATE
         self._publish_state()
         self.begin_operation("update")
-        marked = (self._maildrop.deleted_count, self._maildrop.deleted_octets)
+        marked = self._marked = (self._maildrop.deleted_count, self._maildrop.deleted_octets)
         self._update = update = self._maildrop.commit()
         update.addCallbacks(self._updated, self._update_failed, callbackArgs=(marked,))
         update.addErrback(self._unexpected)

@@ -17,13 +17,6 @@ class Reply:
     enhanced: str
     text: str
 
-    @property
-    def temporary(self) -> bool:
-        return 400 <= self.code < 500
-
-    def line(self) -> bytes:
-        return f"{self.code} {self.enhanced} {self.text}\r\n".encode()
-
 
 RELAY_DENIED = Reply(554, "5.7.1", "relay access denied")
 UNKNOWN_USER = Reply(550, "5.1.1", "no such user here")

@@ -17,7 +17,7 @@ ends a BDAT chunk) and streamed to :mod:`popgate.smtp.delivery`, which stores it
 line ends.
 
 State lives in plain objects beside the protocol (:mod:`popgate.smtp.session`): the
-:class:`~popgate.smtp.session.Session` (client, HELO, TLS), the
+:class:`~popgate.smtp.session.Session` (HELO, TLS), the
 :class:`~popgate.smtp.session.Envelope` of the transaction, and at most one
 :class:`~popgate.smtp.session.MessageInFlight`, the message whose body is being received
 or committed.  ``_mode`` says how input bytes are read (command lines, the tail of an
@@ -49,8 +49,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from popgate.addresses import AddressError, parse_path
+from popgate.auth.sasl import redact
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
-from popgate.lineproto import LineSession, SessionFactory
+from popgate.lineproto import LOCAL_PEER, LineSession, SessionFactory
 from popgate.smtp.delivery import (
     Arrival,
     Deliverer,
@@ -126,6 +127,7 @@ class SMTPServer(LineSession):
         self._chunk: Chunk | None = None  # the BDAT chunk being read (Mode.CHUNK)
         self._idle_timer = None
         self._session_timer = None
+        self._expired: str | None = None  # the session's time ran out during a commit
 
     # -- connection ------------------------------------------------------------------
 
@@ -184,6 +186,11 @@ class SMTPServer(LineSession):
         self._idle_timer = self._session_timer = None
 
     def _timed_out(self, what: str) -> None:
+        if self.operation in self.finish_on_shutdown:
+            # A message being made durable is answered first, as in a drain: a lost 250
+            # would make the client send it again (see _done_waiting).
+            self._expired = what
+            return
         self._reply(421, "4.4.2", f"{self.factory.hostname} Error: {what} exceeded")
         self.close(f"{what} in {self._mode.value}")
 
@@ -278,8 +285,10 @@ class SMTPServer(LineSession):
             self._refuse(e)
 
     def trace_line(self, text: str) -> str:
-        """The command line as ``command`` events show it (submission hides secrets)."""
-        return text
+        """The command line as ``command`` events show it.  No AUTH here, but a client may
+        send one anyway, with its password in the initial response (RFC 4954 §4), or a
+        POP3 PASS: its secret is never published."""
+        return redact(text)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -335,6 +344,10 @@ class SMTPServer(LineSession):
         if self._owed is not d:
             return
         self._owed = None
+        if self._expired is not None:
+            self.operation = None
+            self._timed_out(self._expired)
+            return
         self._restart_idle_timer()
         self.end_operation()
 
@@ -551,7 +564,7 @@ class SMTPServer(LineSession):
             sender=self.envelope.sender,
             recipients=tuple(self.envelope.recipients),
             helo=self.session.helo,
-            client_ip=None if self.client_host == "local" else self.client_host,
+            client_ip=None if self.client_host == LOCAL_PEER else self.client_host,
             protocol=self._protocol_keyword(),
             tls=tls_description(self.transport) if self.session.secure else None,
         )
@@ -703,8 +716,15 @@ class SMTPServer(LineSession):
             self._start_chunk(chunk)
             return
         d = self._open_message(chunking=True)
-        self.message.chunk_decoder = ChunkDecoder()
-        self._wait_for(d, "opening the message files", then=lambda _: self._start_chunk(chunk))
+        message = self.message
+        message.chunk_decoder = ChunkDecoder()
+        self._wait_for(d, "opening the message files",
+                       then=lambda _: self._files_ready_for_chunk(chunk, message))
+
+    def _files_ready_for_chunk(self, chunk: Chunk, message: MessageInFlight) -> None:
+        if self.message is not message:
+            return  # the session closed (or was drained) while the files were opened
+        self._start_chunk(chunk)
 
     def _start_chunk(self, chunk: Chunk) -> None:
         self._chunk = chunk

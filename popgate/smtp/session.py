@@ -1,9 +1,10 @@
 """The state of one SMTP/LMTP session as plain objects, beside the protocol.
 
-* :class:`Session` is what lasts for the whole connection: the client, its HELO name,
-  TLS, the authenticated user (submission, later) and the messages accepted so far.
+* :class:`Session` is what lasts for the whole connection: its HELO name, TLS, the
+  authenticated user (submission, later) and the messages accepted so far (the client is
+  the protocol's :class:`~popgate.events.SessionInfo`).
 * :class:`Envelope` is one mail transaction (RFC 5321 §3.3): sender, accepted recipients
-  and the MAIL parameters; :meth:`Envelope.reset` starts the next one.
+  and the MAIL parameters; a new one starts the next transaction.
 * :class:`Chunk` is a BDAT chunk being read (RFC 3030), refused or not.
 * :class:`MessageInFlight` is the one operation that can be in flight in a transaction:
   a message body from ``DATA``/first ``BDAT`` to its reply, through opening its files,
@@ -27,7 +28,6 @@ from popgate.smtp.reply import Reply
 class Session:
     """One connection's lasting state."""
 
-    client_ip: str | None = None  # None for a UNIX-socket peer
     helo: str | None = None
     esmtp: bool = False
     tls: str | None = None  # "TLSv1.3 TLS_AES_256_GCM_SHA384" once under TLS

@@ -167,7 +167,9 @@ class _JSON(Resource):
 
     @staticmethod
     def _failed(failure, request, finished) -> None:
-        log.failure("lab dashboard: cannot answer {uri}", failure, uri=request.uri)
+        # The path, not the URI: its query may carry the token.
+        log.failure("lab dashboard: cannot answer {path}", failure,
+                    path=request.path.decode("ascii", "replace"))
         if not finished.called:
             request.setResponseCode(500)
             request.finish()
