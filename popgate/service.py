@@ -456,7 +456,10 @@ def _mx_sender(config: Config, reactor, is_own):
 
     relay = config.relay
     servers = [dns_server(text) for text in relay.dns_servers]
-    resolver = names.createResolver(servers=servers or None, reactor=reactor)
+    # Without configured servers, resolv.conf's (re-read when it changes); no hosts file:
+    # MX routing is the DNS's business.
+    resolver = names.Resolver(resolv=None if servers else "/etc/resolv.conf",
+                              servers=servers or None, reactor=reactor)
     return MXSender(reactor, resolver, relay_client.deliver, port=relay.mx_port,
                     tls="required" if relay.mx_tls == "required" else "opportunistic",
                     helo=config.hostname, is_own=is_own,
