@@ -22,7 +22,7 @@ import smtplib
 import time
 
 import dkim
-from twisted.internet import defer, ssl, threads
+from twisted.internet import defer, reactor, ssl, task, threads
 from twisted.names import client as names
 from twisted.names import dns
 from twisted.trial.unittest import TestCase
@@ -88,6 +88,41 @@ class RouteTests(TestCase):
                 defer.ensureDeferred(mx.mx_hosts(self.resolver, domain)),
                 mx.PermanentRouteError)
             self.assertTrue(str(e).startswith(text), str(e))
+
+
+class BoundTests(TestCase):
+    """:class:`popgate.relay.mx.MXSender`'s bounds, with a stand-in for the session."""
+
+    @defer.inlineCallbacks
+    def test_one_session_per_domain_and_the_connection_bounds(self):
+        zone = {f"{n}.example": [A(f"127.0.0.{i}")] for i, n in enumerate("abc", 2)}
+        sessions, active, most = [], [], {"total": 0, "a.example": 0}
+
+        def deliver(reactor, host, sender, recipients, message):
+            sessions.append((host.host, host.address, recipients))
+            active.append(host.host)
+            most["total"] = max(most["total"], len(active))
+            most["a.example"] = max(most["a.example"], active.count("a.example"))
+
+            def done():
+                active.remove(host.host)
+                return {r: (250, "250 ok") for r in recipients}
+            return task.deferLater(reactor, 0.1, done)
+
+        send = mx.MXSender(reactor, resolver(serve(self, Zone("example", zone))), deliver,
+                           port=25, tls="opportunistic", helo="mx.test",
+                           max_connections=2, max_connections_per_domain=1)
+        results = yield defer.gatherResults([
+            send(ALICE, ["1@a.example", "2@A.example", "4@b.example"], b"m"),
+            send(ALICE, ["3@a.example"], b"m"), send(ALICE, ["5@c.example"], b"m")])
+        self.assertEqual(results[0], dict.fromkeys(["1@a.example", "2@A.example",
+                                                    "4@b.example"], (250, "250 ok")))
+        self.assertEqual(sorted(sessions), [
+            ("a.example", "127.0.0.2", ["1@a.example", "2@A.example"]),
+            ("a.example", "127.0.0.2", ["3@a.example"]),
+            ("b.example", "127.0.0.3", ["4@b.example"]),
+            ("c.example", "127.0.0.4", ["5@c.example"])])
+        self.assertEqual(most, {"total": 2, "a.example": 1})
 
 
 class MXCase(RelayServerMixin, TestCase):
