@@ -90,6 +90,46 @@ class RouteTests(TestCase):
             self.assertTrue(str(e).startswith(text), str(e))
 
 
+class PrepareTests(TestCase):
+    """:func:`popgate.relay.sign.prepare`: what submission changes in a message."""
+
+    TRACE = b"Received: from client\n\tby mx.test; now\n"
+
+    def prepare(self, content: bytes, key_dir=None, warnings=None) -> bytes:
+        return sign.prepare(self.TRACE + content, len(self.TRACE), message_id="Q1",
+                            hostname="mx.test", now=0.0, key_dir=key_dir,
+                            warn=(warnings if warnings is not None else []).append)
+
+    def test_message_id_and_date_are_added_only_when_missing(self):
+        complete = (b"Date: Thu, 1 Jan 2026 00:00:00 +0000\nmessage-id: <own@example.org>\n"
+                    b"From: alice@example.org\n\nbody\n")
+        self.assertEqual(self.prepare(complete), self.TRACE + complete, "no key: unchanged")
+        added = self.prepare(b"From: alice@example.org\n\nbody\n")
+        self.assertRegex(added, rb"^Received: from client\n\tby mx.test; now\n"
+                                rb"Message-ID: <Q1\.[0-9a-f]{8}@mx\.test>\n"
+                                rb"Date: Thu, 01 Jan 1970 \d\d:00:00 [+-]\d{4}\n"
+                                rb"From: alice@example.org\n\nbody\n$")
+
+    def test_only_a_from_domain_with_a_key_is_signed_and_a_bad_key_is_a_warning(self):
+        key_dir = self.mktemp()
+        sign.keygen(key_dir, "example.org", "s1", "ed25519")
+        message = b"From: bob@example.net\nSubject: x\n\nbody\n"
+        self.assertFalse(self.prepare(message, key_dir).startswith(b"DKIM-Signature:"))
+        signed = self.prepare(message.replace(b"example.net", b"Example.ORG"), key_dir)
+        self.assertTrue(signed.startswith(b"DKIM-Signature: v=1; a=ed25519-sha256; "
+                                          b"c=relaxed/relaxed; d=example.org;"), signed)
+        self.assertIn(b"h=from : from : subject : date : message-id;",
+                      re.sub(rb"\n ", b" ", signed))
+        with open(sign.key_path(key_dir, "example.org", "s1"), "wb") as f:
+            f.write(b"not a key\n")
+        warnings = []
+        unsigned = self.prepare(message.replace(b"example.net", b"example.org"), key_dir,
+                                warnings)
+        self.assertFalse(unsigned.startswith(b"DKIM-Signature:"))
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("Q1: not DKIM-signed (example.org, selector s1)", warnings[0])
+
+
 class BoundTests(TestCase):
     """:class:`popgate.relay.mx.MXSender`'s bounds, with a stand-in for the session."""
 

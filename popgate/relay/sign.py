@@ -148,9 +148,13 @@ def _from_domain(head: bytes) -> str | None:
 
 
 def prepare(data: bytes, trace_octets: int, *, message_id: str, hostname: str, now: float,
-            key_dir: str | None, selector: str = "") -> bytes:
+            key_dir: str | None, selector: str = "", warn=lambda text: None) -> bytes:
     """``data`` (``trace_octets`` of our trace headers, then the content) with the
-    hygiene headers and, when a key is found, a DKIM signature (module docstring)."""
+    hygiene headers and, when a key is found, a DKIM signature (module docstring).
+
+    A message dkimpy cannot sign (malformed header lines) or an unreadable key leaves
+    the message unsigned, with ``warn(text)``: refusing it would only make the client
+    retry the same bytes."""
     trace, content = data[:trace_octets], data[trace_octets:]
     end = content.find(b"\n\n")
     head = content if end < 0 else content[:end + 1]
@@ -170,7 +174,12 @@ def prepare(data: bytes, trace_octets: int, *, message_id: str, hostname: str, n
     name, key = found
     algorithm = b"rsa-sha256" if key.startswith(b"-----BEGIN") else b"ed25519-sha256"
     signed = [b"from", b"from"] + [h for h in SIGNED_HEADERS if h in present]
-    signature = dkim.sign(message.replace(b"\n", b"\r\n"), name.encode("ascii"),
-                          domain.encode("ascii"), key, canonicalize=(b"relaxed", b"relaxed"),
-                          signature_algorithm=algorithm, include_headers=signed)
+    try:
+        signature = dkim.sign(message.replace(b"\n", b"\r\n"), name.encode("ascii"),
+                              domain.encode("ascii"), key,
+                              canonicalize=(b"relaxed", b"relaxed"),
+                              signature_algorithm=algorithm, include_headers=signed)
+    except dkim.DKIMException as e:
+        warn(f"{message_id}: not DKIM-signed ({domain}, selector {name}): {e}")
+        return message
     return signature.replace(b"\r\n", b"\n") + message

@@ -369,7 +369,8 @@ class SubmissionServer(SMTPServer):
         prepare = partial(sign.prepare, trace_octets=len(trace),
                           message_id=transaction_id, hostname=self.factory.hostname,
                           now=self.clock.seconds(), key_dir=self.factory.config.dkim_key_dir,
-                          selector=self.factory.config.dkim.selector)
+                          selector=self.factory.config.dkim.selector,
+                          warn=lambda text: self.log.warn("{text}", text=text))
 
         def opened(queued):
             return SubmittedTransaction(transaction_id, arrival, local, queued,
