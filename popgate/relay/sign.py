@@ -179,7 +179,7 @@ def prepare(data: bytes, trace_octets: int, *, message_id: str, hostname: str, n
                               domain.encode("ascii"), key,
                               canonicalize=(b"relaxed", b"relaxed"),
                               signature_algorithm=algorithm, include_headers=signed)
-    except dkim.DKIMException as e:
+    except (dkim.DKIMException, ValueError) as e:  # binascii.Error: a bad ed25519 key
         warn(f"{message_id}: not DKIM-signed ({domain}, selector {name}): {e}")
         return message
     return signature.replace(b"\r\n", b"\n") + message
