@@ -83,7 +83,8 @@ class RouteTests(TestCase):
         self.assertEqual(hosts, ["bare.example"])
         addresses = yield defer.ensureDeferred(mx.addresses(self.resolver, "bare.example"))
         self.assertEqual(addresses, ["127.0.0.3"])
-        for domain, text in (("null.example", "556 5.1.10"), ("nowhere.example", "550 5.1.2")):
+        for domain, text in (("null.example", "556 5.1.10"), ("nowhere.example", "550 5.1.2"),
+                             ("bücher.example", "550 5.1.2"), ("a..example", "550 5.1.2")):
             e = yield self.assertFailure(
                 defer.ensureDeferred(mx.mx_hosts(self.resolver, domain)),
                 mx.PermanentRouteError)

@@ -60,7 +60,11 @@ def domain_of(address: str) -> str:
 async def mx_hosts(resolver, domain: str) -> list[str]:
     """The hosts to try for ``domain``, best first (see the module docstring)."""
     try:
-        answers, _, _ = await resolver.lookupMailExchange(domain)
+        name = domain.encode("idna").decode("ascii")  # an SMTPUTF8 domain (RFC 6531)
+    except UnicodeError:
+        raise PermanentRouteError(550, f"550 5.1.2 {domain}: bad domain name") from None
+    try:
+        answers, _, _ = await resolver.lookupMailExchange(name)
     except error.DNSNameError:
         raise PermanentRouteError(550, f"550 5.1.2 {domain}: no such domain") from None
     except (error.DomainError, error.DNSServerError, error.DNSQueryRefusedError,
