@@ -28,6 +28,7 @@ from twisted.names import dns
 from twisted.trial.unittest import TestCase
 
 from popgate.relay import mx, sign
+from popgate.relay.client import SmarthostError
 from tests.certs import make_test_pki
 from tests.dnszone import Zone, serve, txt
 from tests.harness import start_twistd
@@ -164,6 +165,31 @@ class BoundTests(TestCase):
             ("b.example", "127.0.0.3", ["4@b.example"]),
             ("c.example", "127.0.0.4", ["5@c.example"])])
         self.assertEqual(most, {"total": 2, "a.example": 1})
+
+
+class LoopTests(TestCase):
+    @defer.inlineCallbacks
+    def test_as_a_backup_mx_only_better_mx_hosts_are_tried(self):
+        zone = {"backup.example": [MX(10, "primary.example"), MX(20, "me.example"),
+                                   MX(30, "worse.example")],
+                "primary.example": [A("127.0.0.2")], "me.example": [A("127.0.0.3")],
+                "worse.example": [A("127.0.0.4")], "self.example": [MX(10, "me.example")]}
+        tried = []
+
+        def deliver(reactor, host, sender, recipients, message):
+            tried.append(host.host)
+            return defer.fail(SmarthostError("connection refused"))
+
+        send = mx.MXSender(reactor, resolver(serve(self, Zone("example", zone))), deliver,
+                           port=25, tls="opportunistic", helo="me.example",
+                           is_own=lambda host, ip, port: ip == "127.0.0.3")
+        results = yield send(ALICE, ["b@backup.example", "s@self.example"], b"m")
+        self.assertEqual(tried, ["primary.example"])
+        self.assertEqual(results, {
+            "b@backup.example": (451, "451 4.4.1 primary.example [127.0.0.2]: "
+                                      "connection refused"),
+            "s@self.example": (554, "554 5.4.6 self.example: MX me.example [127.0.0.3] "
+                                    "is this server (loop)")})
 
 
 class MXCase(RelayServerMixin, TestCase):

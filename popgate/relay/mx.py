@@ -18,8 +18,10 @@ its recipients (they stay queued); a permanent route error ``5xx`` (they bounce)
 domains of the same message are unaffected.
 
 Loops: an MX address that is one of this server's own listeners (``is_own(host, ip,
-port)``, from the wiring point) ends the domain's attempt with ``554 5.4.6`` (RFC 3463:
-routing loop) rather than mailing ourselves.
+port)``, from the wiring point) ends the domain's attempt, never mailing ourselves: with
+``554 5.4.6`` (RFC 3463: routing loop) when we are the best MX, else (we are a backup
+MX, RFC 5321 §5.1: ourselves and every worse MX are discarded) with ``451`` after the
+better ones failed.
 
 Bounds: at most ``max_connections`` sessions at once, ``max_connections_per_domain``
 to one domain (a per-domain :class:`~twisted.internet.defer.DeferredSemaphore`, dropped
@@ -157,8 +159,12 @@ class MXSender:
         for host in hosts:
             for ip in await addresses(self.resolver, host):
                 if self.is_own(host, ip, self.port):
-                    return dict.fromkeys(recipients, (554, f"554 5.4.6 {domain}: MX {host} "
-                                                           f"[{ip}] is this server (loop)"))
+                    if host == hosts[0]:
+                        return dict.fromkeys(recipients, (554, f"554 5.4.6 {domain}: MX "
+                                                               f"{host} [{ip}] is this "
+                                                               "server (loop)"))
+                    # RFC 5321 §5.1: we are a backup MX; only better ones may take it.
+                    return dict.fromkeys(recipients, (451, f"451 4.4.1 {last}"))
                 mx = Smarthost(host, self.port, self.tls, helo=self.helo, address=ip,
                                verify=False)
                 try:
