@@ -156,6 +156,29 @@ def _parser() -> argparse.ArgumentParser:
     remove.add_argument("id", help="the message's queue id, as queue list shows it")
     remove.set_defaults(run=_queue_remove)
 
+    dkim = groups.add_parser("dkim", help="DKIM signing keys", **sub).add_subparsers(
+        title="dkim commands")
+    keygen = dkim.add_parser("keygen", help="write a signing key for a domain and print "
+                             "the DNS TXT record to publish", **sub)
+    keygen.add_argument("--domain", required=True, help="the From domain it signs (required)")
+    keygen.add_argument("--selector", default="", help="default: [dkim] selector, else "
+                        "sYYYYMM (this month)")
+    keygen.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                        help="rsa: rsa-sha256, 2048 bits; ed25519: ed25519-sha256 (RFC 8463)")
+    keygen.set_defaults(run=_dkim_keygen)
+
+    dns = groups.add_parser("dns", help="DNS records to publish", **sub).add_subparsers(
+        title="dns commands")
+    records = dns.add_parser("records", help="print the MX, A, PTR, SPF, DKIM and DMARC "
+                             "records for the mail domains, and dig commands to check them",
+                             **sub)
+    records.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                         help="a mail domain, repeatable (default: server.domains and the "
+                              "domains that have a DKIM key)")
+    records.add_argument("--ip", default="", metavar="ADDRESS",
+                         help="this server's public address (default: a placeholder)")
+    records.set_defaults(run=_dns_records)
+
     tls = groups.add_parser("tls", help="certificates", **sub).add_subparsers(
         title="tls commands")
     selfsigned = tls.add_parser("selfsigned", help="write a self-signed certificate "
@@ -334,6 +357,27 @@ def _queue_remove(args) -> None:
     if not removed:
         raise AdminError(f"no queued message {args.id}")
     print(f"removed {args.id}")
+
+
+def _dkim_keygen(args) -> None:
+    from popgate.relay import sign
+
+    config = _load(args)
+    selector = args.selector or config.dkim.selector or sign.dated_selector(time.time())
+    try:
+        path, record = sign.keygen(config.dkim_key_dir, args.domain, selector, args.algorithm)
+    except (ValueError, FileExistsError) as e:
+        raise AdminError(str(e)) from None
+    print(f"wrote {path}; publish this DNS record, then mail from {args.domain.lower()} "
+          "is signed:")
+    print(record)
+
+
+def _dns_records(args) -> None:
+    from popgate.relay import dnsrecords
+
+    config = _load(args)
+    print(dnsrecords.describe(config, args.domain, args.ip), end="")
 
 
 def _tls_selfsigned(args) -> None:

@@ -29,7 +29,8 @@ from popgate.addresses import AddressError, normalise_domain, normalise_user
 DEFAULT_SMTP = "tcp:2525:interface=127.0.0.1"
 DEFAULT_POP3 = "tcp:1100:interface=127.0.0.1"
 DEFAULT_SUBMISSION = "tcp:5870:interface=127.0.0.1"  # quick start; 587 in production
-RELAY_MODES = ("none", "smarthost")
+RELAY_MODES = ("none", "smarthost", "mx")
+MX_TLS = ("opportunistic", "required")
 SMARTHOST_TLS = ("required", "opportunistic", "none")
 DEFAULT_DATA_DIR = "./popgate-data"
 
@@ -132,23 +133,48 @@ class SubmissionConfig:
 class RelayConfig:
     """Outbound mail: the queue and the smarthost it is relayed through."""
 
-    mode: str = "none"  # "none": no relay at all; "smarthost"
+    mode: str = "none"  # "none": no relay at all; "smarthost"; "mx" (direct delivery)
     smarthost: str = ""  # "host:port"
     smarthost_tls: str = "required"  # "required" | "opportunistic" | "none" (loopback only)
     smarthost_ca: str = ""  # PEM CA file for a private CA; "" = the system's trust store
     smarthost_user: str = ""
     smarthost_password_file: str = ""  # first line is the password
     max_queue_time: float = 5 * 24 * 3600.0  # seconds before a message bounces
+    # mode = "mx": DNS servers ("host" or "host:port"; () = the system resolver), the
+    # port MX hosts listen on, the bounds on connections, and TLS to MX hosts.
+    dns_servers: tuple[str, ...] = ()
+    mx_port: int = 25
+    max_connections_per_domain: int = 2
+    max_connections: int = 20
+    mx_tls: str = "opportunistic"  # "opportunistic" | "required"
 
     @property
     def enabled(self) -> bool:
-        return self.mode == "smarthost"
+        return self.mode in ("smarthost", "mx")
+
+
+@dataclass(frozen=True)
+class DKIMConfig:
+    """DKIM signing of submitted mail (RFC 6376): keys ``<key_dir>/<domain>.<selector>.key``."""
+
+    key_dir: str = ""  # "" = <data_dir>/dkim
+    selector: str = ""  # "" = the newest key of each domain (keygen names it sYYYYMM)
 
 
 def split_hostport(text: str) -> tuple[str, int]:
     """``"host:port"`` (``"[::1]:25"``) -> ``("host", port)``; the config checked the form."""
     host, _, port = text.rpartition(":")
     return host.strip("[]"), int(port)
+
+
+def dns_server(text: str) -> tuple[str, int]:
+    """``"192.0.2.53"``, ``"192.0.2.53:5353"``, ``"2001:db8::53"``, ``"[::1]:5353"`` ->
+    ``(address, port)``; port 53 by default."""
+    if text.startswith("[") or text.count(":") == 1:
+        host, _, port = text.rpartition(":")
+        if host and port.isdigit() and not host.endswith(":"):
+            return host.strip("[]"), int(port)
+    return text.strip("[]"), 53
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,7 @@ class Config:
     web: WebConfig = field(default_factory=WebConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     relay: RelayConfig = field(default_factory=RelayConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
     # "alias@domain" or "@domain" (catch-all) -> local users
     aliases: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     source: str = "<defaults>"
@@ -186,6 +213,10 @@ class Config:
     def queue_dir(self) -> str:
         return os.path.join(self.server.data_dir, "queue")
 
+    @property
+    def dkim_key_dir(self) -> str:
+        return self.dkim.key_dir or os.path.join(self.server.data_dir, "dkim")
+
 
 _SECTIONS = {
     "server": ServerConfig,
@@ -198,6 +229,7 @@ _SECTIONS = {
     "web": WebConfig,
     "submission": SubmissionConfig,
     "relay": RelayConfig,
+    "dkim": DKIMConfig,
 }
 
 
@@ -377,7 +409,15 @@ def _check_submission_and_relay(src: str, submission: SubmissionConfig,
         raise ConfigError(src, "submission.max_messages_per_hour",
                           f"must be greater than zero, got {submission.max_messages_per_hour}")
     if relay.mode not in RELAY_MODES:
-        raise ConfigError(src, "relay.mode", 'must be "none" or "smarthost"')
+        raise ConfigError(src, "relay.mode", 'must be "none", "smarthost" or "mx"')
+    if relay.mx_tls not in MX_TLS:
+        raise ConfigError(src, "relay.mx_tls", 'must be "opportunistic" or "required"')
+    if not 0 < relay.mx_port < 65536:
+        raise ConfigError(src, "relay.mx_port", f"must be a port number, got {relay.mx_port}")
+    for key in ("max_connections_per_domain", "max_connections"):
+        if getattr(relay, key) < 1:
+            raise ConfigError(src, f"relay.{key}", f"must be at least 1, got "
+                                                   f"{getattr(relay, key)}")
     if relay.smarthost_tls not in SMARTHOST_TLS:
         raise ConfigError(src, "relay.smarthost_tls",
                           'must be "required", "opportunistic" or "none"')
@@ -387,7 +427,11 @@ def _check_submission_and_relay(src: str, submission: SubmissionConfig,
     if bool(relay.smarthost_user) != bool(relay.smarthost_password_file):
         raise ConfigError(src, "relay.smarthost_password_file",
                           "relay.smarthost_user and relay.smarthost_password_file go together")
-    if not relay.enabled:
+    for server in relay.dns_servers:
+        host, port = dns_server(server)
+        if not host or not 0 < port < 65536:
+            raise ConfigError(src, "relay.dns_servers", f"bad DNS server {server!r}")
+    if relay.mode != "smarthost":
         return
     host, colon, port = relay.smarthost.rpartition(":")
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -470,7 +514,10 @@ def _resolve_paths(config: Config) -> Config:
     for key in ("smarthost_ca", "smarthost_password_file"):
         if getattr(relay, key):
             relay = dataclasses.replace(relay, **{key: os.path.abspath(getattr(relay, key))})
-    return dataclasses.replace(config, server=server, tls=tls, relay=relay)
+    dkim = config.dkim
+    if dkim.key_dir:
+        dkim = dataclasses.replace(dkim, key_dir=os.path.abspath(dkim.key_dir))
+    return dataclasses.replace(config, server=server, tls=tls, relay=relay, dkim=dkim)
 
 
 def dump(config: Config) -> str:

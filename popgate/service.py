@@ -10,6 +10,7 @@ the service starts.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import signal
 import sys
@@ -27,7 +28,7 @@ from popgate.auth.account import AccountRealm
 from popgate.auth.login import Authenticator
 from popgate.auth.penalty import AuthPenalty, ChecksPerAddress
 from popgate.auth.users import PasswordChecker, UserDB
-from popgate.config import Config, split_hostport
+from popgate.config import Config, dns_server, split_hostport
 from popgate.events import EventBus
 from popgate.limits import ConnectionLimiter, parse_networks
 from popgate.lineproto import SessionRegistry
@@ -372,7 +373,8 @@ def makeService(config: Config, reactor=None) -> MultiService:
     queue = runner = None
     if config.relay.enabled:
         queue = Queue(config.queue_dir, node=config.hostname)
-        runner = _queue_runner(config, reactor, queue, run_in_thread, deliverer, users)
+        runner = _queue_runner(config, reactor, queue, run_in_thread, deliverer, users,
+                               partial(_is_own_listener, top, config.hostname))
         runner.setServiceParent(top)
     submission = partial(
         SubmissionFactory, config=config, router=router, deliverer=deliverer, clock=reactor,
@@ -431,7 +433,63 @@ def _observe(top: MultiService, config: Config, events: EventBus, store: Maildir
 
 
 def _queue_runner(config: Config, reactor, queue: Queue, run_in_thread, deliverer: Deliverer,
-                  users: UserDB) -> QueueRunner:
+                  users: UserDB, is_own) -> QueueRunner:
+    relay = config.relay
+
+    def deliver_bounce(name: str, report: bytes):
+        user = users.get(name)
+        if user is None:
+            raise LookupError(f"user {name} no longer exists")
+        arrival = Arrival(sender="", recipients=(Recipient(name, (user,)),),
+                          helo=config.hostname, client_ip=None, protocol="ESMTP")
+        return deliverer.deliver(arrival, report)
+
+    if relay.mode == "mx":
+        send = _mx_sender(config, reactor, is_own)
+    else:
+        send = partial(relay_client.deliver, reactor, _smarthost(config))
+    return QueueRunner(queue, send, reactor, run_in_thread, deliver_bounce,
+                       hostname=config.hostname, smarthost=relay.smarthost,
+                       max_queue_time=relay.max_queue_time)
+
+
+def _mx_sender(config: Config, reactor, is_own):
+    from twisted.names import client as names
+
+    from popgate.relay.mx import MXSender
+
+    relay = config.relay
+    servers = [dns_server(text) for text in relay.dns_servers]
+    # Without configured servers, resolv.conf's (re-read when it changes); no hosts file:
+    # MX routing is the DNS's business.
+    resolver = names.Resolver(resolv=None if servers else "/etc/resolv.conf",
+                              servers=servers or None, reactor=reactor)
+    return MXSender(reactor, resolver, relay_client.deliver, port=relay.mx_port,
+                    tls="required" if relay.mx_tls == "required" else "opportunistic",
+                    helo=config.hostname, is_own=is_own,
+                    max_connections=relay.max_connections,
+                    max_connections_per_domain=relay.max_connections_per_domain)
+
+
+def _is_own_listener(top: MultiService, hostname: str, host: str, ip: str, port: int) -> bool:
+    """Whether an MX (its name, an address, the MX port) is this server's own SMTP
+    listener: a wildcard listener is reached through every loopback address."""
+    if host.rstrip(".").lower() == hostname.lower():
+        return True
+    for service in top:
+        if not (isinstance(service, ListenerService) and service.label == "SMTP"
+                and service.port is not None):
+            continue
+        bound = service.port.getHost()
+        if getattr(bound, "port", None) != port:
+            continue
+        if bound.host == ip or (bound.host in ("0.0.0.0", "::")
+                                and ipaddress.ip_address(ip).is_loopback):
+            return True
+    return False
+
+
+def _smarthost(config: Config) -> Smarthost:
     relay = config.relay
     host, port = split_hostport(relay.smarthost)
     password = b""
@@ -442,20 +500,8 @@ def _queue_runner(config: Config, reactor, queue: Queue, run_in_thread, delivere
     if relay.smarthost_ca:
         with open(relay.smarthost_ca, "rb") as f:
             trust_root = f.read()
-    smarthost = Smarthost(host, port, relay.smarthost_tls, trust_root, relay.smarthost_user,
-                          password, helo=config.hostname)
-
-    def deliver_bounce(name: str, report: bytes):
-        user = users.get(name)
-        if user is None:
-            raise LookupError(f"user {name} no longer exists")
-        arrival = Arrival(sender="", recipients=(Recipient(name, (user,)),),
-                          helo=config.hostname, client_ip=None, protocol="ESMTP")
-        return deliverer.deliver(arrival, report)
-
-    return QueueRunner(queue, partial(relay_client.deliver, reactor, smarthost), reactor,
-                       run_in_thread, deliver_bounce, hostname=config.hostname,
-                       smarthost=relay.smarthost, max_queue_time=relay.max_queue_time)
+    return Smarthost(host, port, relay.smarthost_tls, trust_root, relay.smarthost_user,
+                     password, helo=config.hostname)
 
 
 def _defer_to_reactor_pool(reactor, f, *args, **kwargs):

@@ -3,7 +3,8 @@
 :class:`Sink` listens on 127.0.0.1 port 0 and answers from a script: a reply per
 recipient (``rcpt``, default ``250``), a list of end-of-data replies used up one per
 message (then ``250``), optional STARTTLS with a given certificate, optional AUTH PLAIN.
-It keeps every message it accepted (sender, accepted recipients, the data as received,
+``greeting`` and ``interface`` script an MX host (a ``421`` greeting, its own loopback
+address).  It keeps every message it accepted (sender, accepted recipients, the data as received,
 dot-unstuffed, CRLF line ends) and every command line of every session, and notes
 whether the client pipelined (``MAIL`` arrived with ``DATA`` already behind it).
 """
@@ -31,14 +32,16 @@ class Sink:
     tls: object = None  # server TLS options: offer STARTTLS
     auth: tuple[str, str] | None = None  # require AUTH PLAIN with these
     pipelining: bool = True
+    greeting: str = "220 sink.test ESMTP scripted"  # e.g. "421 4.3.2 busy": closes at once
+    interface: str = "127.0.0.1"  # MX tests give each MX host its own loopback address
     messages: list[Accepted] = field(default_factory=list)
     sessions: list[list[str]] = field(default_factory=list)
     pipelined: list[bool] = field(default_factory=list)
     port: object = None
 
-    def listen(self):
+    def listen(self, port: int = 0):
         factory = protocol.Factory.forProtocol(lambda: _SinkSession(self))
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=self.interface)
         d = endpoint.listen(factory)
 
         def listening(port):
@@ -66,7 +69,9 @@ class _SinkSession(LineReceiver):
 
     def connectionMade(self) -> None:
         self.sink.sessions.append(self.commands)
-        self.sendLine(b"220 sink.test ESMTP scripted")
+        self.sendLine(self.sink.greeting.encode())
+        if not self.sink.greeting.startswith("220"):
+            self.transport.loseConnection()
 
     def reply(self, text: str) -> None:
         self.transport.write(text.replace("\n", "\r\n").encode() + b"\r\n")

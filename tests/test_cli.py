@@ -130,6 +130,33 @@ class CLITests(TestCase):
         self.assertEqual(code, 1)
         self.assertIn("use --force", err)
 
+    def test_dkim_keygen_and_dns_records(self):
+        code, out, _ = self.run_cli("dkim", "keygen", "--domain", "Example.org")
+        self.assertEqual(code, 0)
+        selector = time.strftime("s%Y%m", time.gmtime())
+        key = os.path.join(self.data, "dkim", f"example.org.{selector}.key")
+        self.assertEqual(stat.S_IMODE(os.stat(key).st_mode), 0o600)
+        record = out.splitlines()[1]
+        self.assertRegex(record, rf'^{selector}._domainkey.example.org. IN TXT '
+                                 r'"v=DKIM1; k=rsa; p=MII[A-Za-z0-9+/]+" "[A-Za-z0-9+/=]+"$')
+        code, out, _ = self.run_cli("dkim", "keygen", "--domain", "example.net",
+                                    "--selector", "ed1", "--algorithm", "ed25519")
+        self.assertEqual(code, 0)
+        self.assertIn('ed1._domainkey.example.net. IN TXT "v=DKIM1; k=ed25519; p=', out)
+        code, _, err = self.run_cli("dkim", "keygen", "--domain", "example.net",
+                                    "--selector", "ed1")
+        self.assertEqual((code, err.count("\n")), (1, 1))
+        self.assertIn("exists: choose another selector", err)
+
+        code, out, _ = self.run_cli("dns", "records", "--ip", "203.0.113.5")
+        self.assertEqual(code, 0)
+        self.assertIn(record, out, "the DKIM record, as keygen printed it")
+        for line in ("example.org. IN MX 10 ", 'example.org. IN TXT "v=spf1 mx -all"',
+                     '_dmarc.example.net. IN TXT "v=DMARC1; p=none;',
+                     "5.113.0.203.in-addr.arpa. IN PTR ", "dig +short -x 203.0.113.5",
+                     f"dig +short TXT {selector}._domainkey.example.org"):
+            self.assertIn(line, out)
+
 
 def _all_parsers(parser: argparse.ArgumentParser):
     yield parser

@@ -197,7 +197,11 @@ class SubmissionAndRelayConfigTests(TestCase):
 
     def test_relay_refusals(self):
         cases = {
-            (("relay.mode", "mx"),): 'relay.mode: must be "none" or "smarthost"',
+            (("relay.mode", "direct"),): 'relay.mode: must be "none", "smarthost" or "mx"',
+            (("relay.mx_tls", "none"),): 'relay.mx_tls: must be "opportunistic" or "required"',
+            (("relay.mx_port", 0),): "relay.mx_port: must be a port number, got 0",
+            (("relay.max_connections_per_domain", 0),):
+                "relay.max_connections_per_domain: must be at least 1, got 0",
             (("relay.mode", "smarthost"), ("relay.smarthost", "relay.example")):
                 'relay.smarthost: expected "host:port", got \'relay.example\'',
             (("relay.mode", "smarthost"), ("relay.smarthost", "relay.example:587"),

@@ -6,7 +6,7 @@ The worksheet marks its blocks with HTML comments (invisible once rendered):
 the next block's command in the background (the server; stopped at the end);
 ``<!-- lab: expect REGEX -->`` after a block: that block's output must match
 (``re.search``, multi-line).  Every other ``sh`` block runs with ``bash -e``.  The only
-change made to the text: the ports 2525, 1100 and 8025 become port 0 in the
+change made to the text: the ports 2525, 1100, 5870 and 8025 become port 0 in the
 configuration (tests never use fixed ports) and the ports the server reports elsewhere.
 """
 
@@ -25,8 +25,8 @@ from tests.harness import REPO, child_env, read, require_tool, run_client
 LAB = os.path.join(REPO, "docs", "lab.md")
 _BLOCK = re.compile(r"(?:<!-- lab: (?P<mark>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```\n"
                     r"(?:<!-- lab: expect (?P<expect>.*?) -->\n)?", re.DOTALL)
-_PORTS = {"2525": "SMTP", "1100": "POP3", "8025": "web"}
-_PORT_WORD = re.compile(r"\b(2525|1100|8025)\b")
+_PORTS = {"2525": "SMTP", "1100": "POP3", "8025": "web", "5870": "SUBMISSION"}
+_PORT_WORD = re.compile(r"\b(2525|1100|8025|5870)\b")
 _LISTENING = re.compile(r"popgate (\w+) listening on \S+ \(\w+Address\(type='TCP', "
                         r"host='[^']*', port=(\d+)")
 

@@ -75,3 +75,50 @@ class AuthThreadPoolTests(unittest.TestCase):
         self.assertLess(time.monotonic() - began, 1.0, "stopService waited for the pool")
         release.set()
         return defer.gatherResults([*checks, defer.maybeDeferred(lambda: stopped)])
+
+
+class OwnListenerTests(unittest.TestCase):
+    """``relay.mode = "mx"`` never relays to this server: its name, or an address and
+    port of its SMTP listener (a wildcard one through every loopback address)."""
+
+    def listener(self, parent, description, label="SMTP"):
+        from twisted.application.service import MultiService
+        from twisted.internet import protocol, reactor
+
+        from popgate.service import ListenerService
+
+        top = parent or MultiService()
+        service = ListenerService(reactor, description, protocol.Factory(), label)
+        service.setServiceParent(top)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return top, service.port.getHost().port
+
+    def wildcard(self, top, port: int) -> int:
+        from twisted.internet import address, protocol, reactor
+
+        from popgate.service import ListenerService
+
+        class Bound:
+            def getHost(self):
+                return address.IPv4Address("TCP", "0.0.0.0", port)
+
+        service = ListenerService(reactor, f"tcp:{port}", protocol.Factory(), "SMTP")
+        service.port = Bound()
+        service.setServiceParent(top)
+        return port
+
+    def test_own_name_address_and_wildcard(self):
+        from popgate.service import _is_own_listener
+
+        top, port = self.listener(None, "tcp:0:interface=127.0.0.1")
+        _, pop3 = self.listener(top, "tcp:0:interface=127.0.0.1", label="POP3")
+        wildcard = self.wildcard(top, 2525)  # not bound: tests never listen beyond loopback
+        own = [("mx.example", "127.0.0.1", port), ("other.example", "127.0.0.2", wildcard),
+               ("MX.TEST.", "192.0.2.1", 25)]
+        others = [("mx.example", "127.0.0.2", port), ("mx.example", "127.0.0.1", pop3),
+                  ("mx.example", "192.0.2.1", wildcard)]
+        for host, ip, p in own:
+            self.assertTrue(_is_own_listener(top, "mx.test", host, ip, p), (host, ip, p))
+        for host, ip, p in others:
+            self.assertFalse(_is_own_listener(top, "mx.test", host, ip, p), (host, ip, p))

@@ -37,9 +37,15 @@ import base64
 from collections import deque
 from dataclasses import dataclass
 
+from OpenSSL import SSL
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname
 from twisted.internet import defer, endpoints, ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from zope.interface import implementer
 
 from popgate.codec import DotEncoder
 
@@ -48,6 +54,8 @@ END_OF_DATA_TIMEOUT = 600.0  # RFC 5321 §4.5.3.2.6
 CONNECT_TIMEOUT = 30.0
 QUIT_GRACE = 10.0  # seconds the smarthost has to close the connection after QUIT
 MAX_REPLY_LINES = 100
+
+log = Logger()
 
 
 class SmarthostError(Exception):
@@ -63,11 +71,52 @@ class Smarthost:
     user: str = ""
     password: bytes = b""
     helo: str = "localhost"
+    address: str = ""  # the IP address to connect to ("" = look ``host`` up)
+    verify: bool = True  # False: check the certificate and log the result, never refuse
 
     def tls_options(self):
         root = (ssl.Certificate.loadPEM(self.trust_root) if self.trust_root
                 else ssl.platformTrust())
+        if not self.verify:
+            return UncheckedTLS(self.host, root)
         return ssl.optionsForClientTLS(self.host, trustRoot=root)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class UncheckedTLS:
+    """Client TLS that checks the chain (against ``trust_root``) and the host name, but
+    only records the outcome (:meth:`verified`): opportunistic TLS to MX hosts, where
+    encryption without authentication still beats plaintext (RFC 7435 §1.3).  One
+    instance per connection."""
+
+    def __init__(self, hostname: str, trust_root):
+        self.hostname = hostname
+        self._context = ssl.CertificateOptions(trustRoot=trust_root).getContext()
+        self._context.set_verify(SSL.VERIFY_PEER, self._check_chain)
+        self._chain_ok = True
+        self.connection: SSL.Connection | None = None
+
+    def _check_chain(self, connection, certificate, errno, depth, ok) -> bool:
+        if not ok:
+            self._chain_ok = False
+        return True  # go on: the result is only recorded
+
+    def clientConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        connection = SSL.Connection(self._context, None)
+        connection.set_app_data(tls_protocol)
+        connection.set_connect_state()
+        connection.set_tlsext_host_name(self.hostname.encode("idna"))
+        self.connection = connection
+        return connection
+
+    def verified(self) -> bool:
+        if not self._chain_ok:
+            return False
+        try:
+            verify_hostname(self.connection, self.hostname)
+        except (VerificationError, CertificateError):
+            return False
+        return True
 
 
 Results = dict[str, tuple[int, str]]
@@ -92,6 +141,7 @@ class _Session(LineOnlyReceiver):
         self._unsent: deque[bytes] = deque()  # commands waiting for a reply (no PIPELINING)
         self._extensions: dict[str, str] = {}
         self._secure = False
+        self._tls = None  # the connection creator, once STARTTLS started
         self._accepted: list[str] = []
         self._mail_refusal: tuple[int, str] | None = None
         self._timer = None
@@ -181,6 +231,8 @@ class _Session(LineOnlyReceiver):
         if code != 250:
             self._fail(f"EHLO: {self._text(code, lines)}")
             return
+        if self._secure:
+            self._log_tls()
         self._extensions = {}
         for line in lines[1:]:
             keyword, _, value = line.partition(" ")
@@ -192,7 +244,7 @@ class _Session(LineOnlyReceiver):
                 self._await(self._starttls_reply)
                 return
             if tls == "required":
-                self._fail("the smarthost does not offer STARTTLS (smarthost_tls = required)")
+                self._fail(f"{self.smarthost.host} does not offer STARTTLS (TLS required)")
                 return
         self._authenticate()
 
@@ -200,9 +252,18 @@ class _Session(LineOnlyReceiver):
         if code != 220:
             self._fail(f"STARTTLS: {self._text(code, lines)}")
             return
-        self.transport.startTLS(self.smarthost.tls_options())
+        self._tls = self.smarthost.tls_options()
+        self.transport.startTLS(self._tls)
         self._secure = True
         self._ehlo()  # RFC 3207 §4.2: everything learnt before TLS is forgotten
+
+    def _log_tls(self) -> None:
+        """The handshake is over (the EHLO reply came through it): say how it went."""
+        if isinstance(self._tls, UncheckedTLS):
+            log.info("{host} [{address}]: {version}, certificate {verified}",
+                     host=self.smarthost.host, address=self.smarthost.address,
+                     version=self._tls.connection.get_protocol_version_name(),
+                     verified="verified" if self._tls.verified() else "NOT verified")
 
     def _authenticate(self) -> None:
         if not self.smarthost.user:
@@ -301,8 +362,8 @@ def deliver(reactor, smarthost: Smarthost, sender: str, recipients: list[str],
             message: bytes) -> defer.Deferred:
     """One session with the smarthost; fires with the results (see the module docstring)
     or fails with :class:`SmarthostError`."""
-    endpoint = endpoints.HostnameEndpoint(reactor, smarthost.host, smarthost.port,
-                                          timeout=CONNECT_TIMEOUT)
+    endpoint = endpoints.HostnameEndpoint(reactor, smarthost.address or smarthost.host,
+                                          smarthost.port, timeout=CONNECT_TIMEOUT)
     session = _Session(smarthost, sender, recipients, message, reactor)
     connecting = endpoint.connect(_OneSession(session))
 

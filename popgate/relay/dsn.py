@@ -64,7 +64,7 @@ def bounce(envelope: Envelope, message: bytes, *, hostname: str, smarthost: str,
             f"Final-Recipient: rfc822; {recipient.address}",
             "Action: failed",
             f"Status: {status_of(code)}",
-            f"Remote-MTA: dns; {smarthost}",
+            *([f"Remote-MTA: dns; {smarthost}"] if smarthost else []),  # "": direct to MX
             f"Diagnostic-Code: smtp; {code}",
             f"Last-Attempt-Date: {email.utils.formatdate(now, localtime=True)}",
         ]

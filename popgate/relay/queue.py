@@ -42,7 +42,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from popgate.fileio import fsync_directory, write_atomically
@@ -107,10 +107,21 @@ class Incoming:
     def flush(self) -> None:
         self._file.flush()
 
-    def commit(self) -> None:
-        """Blocking: fsync, move into the queue, write the envelope, fsync the directory."""
+    def commit(self, prepare: Callable[[bytes], bytes] | None = None) -> None:
+        """Blocking: fsync, move into the queue, write the envelope, fsync the directory.
+
+        ``prepare(data) -> data`` rewrites the message first (the submission's hygiene
+        headers and DKIM signature, :func:`popgate.relay.sign.prepare`)."""
         try:
             self._file.flush()
+            if prepare is not None:
+                with open(self.tmp_path, "rb") as f:
+                    data = prepare(f.read())
+                self._file.seek(0)
+                self._file.truncate()
+                self._file.write(data)
+                self._file.flush()
+                self.size = len(data)
             os.fsync(self._file.fileno())
         finally:
             self._file.close()

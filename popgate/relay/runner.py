@@ -1,4 +1,10 @@
-"""The queue runner: relays queued messages through the smarthost, retries, bounces.
+"""The queue runner: relays queued messages, retries, bounces.
+
+Where a message goes is the injected ``send(sender, recipients, message)``: one session
+with the smarthost (:func:`popgate.relay.client.deliver`), or, with ``relay.mode =
+"mx"``, :class:`popgate.relay.mx.MXSender`, one session per recipient domain with its MX
+hosts (a domain that fails answers ``4xx``/``5xx`` for its own recipients, so what
+follows holds per recipient either way).
 
 A message is *attempted* when it is queued (:meth:`QueueRunner.wake`), and then whenever
 a scan of the queue (every :data:`SCAN_INTERVAL` seconds, or at once after ``popgate

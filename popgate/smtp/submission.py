@@ -20,7 +20,10 @@
   go to the outbound queue (:mod:`popgate.relay.queue`); with ``mode = "none"`` they are
   refused as on port 25 (``554 5.7.1``).
 * **The message** is written to the recipients' Maildirs and to the queue at once
-  (:class:`SubmittedTransaction`); the ``250`` comes only when both are durable.
+  (:class:`SubmittedTransaction`); the ``250`` comes only when both are durable.  The
+  queue's copy gets ``Message-ID``/``Date`` when missing and a DKIM signature
+  (:func:`popgate.relay.sign.prepare`) in the commit's thread, once, before the ``250``:
+  the queued file is what every attempt sends.
   ``Received:`` says ``ESMTPSA``/``ESMTPA`` (RFC 3848) and names the user only with
   ``submission.show_auth_user``.
 
@@ -38,6 +41,7 @@ import base64
 import dataclasses
 import email.utils
 from collections import deque
+from functools import partial
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.internet import defer
@@ -45,6 +49,7 @@ from twisted.internet import defer
 from popgate.auth import sasl
 from popgate.auth.account import IAccount
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
+from popgate.relay import sign
 from popgate.relay.queue import Envelope as QueuedEnvelope
 from popgate.relay.queue import Queue, QueuedRecipient
 from popgate.smtp.delivery import (
@@ -90,8 +95,9 @@ class SubmittedTransaction:
     queue file for the remote ones, or both; it is durable when both parts are."""
 
     def __init__(self, transaction_id: str, arrival: Arrival, local: Transaction | None,
-                 queued, run_in_thread):
+                 queued, run_in_thread, prepare=None):
         self.id = transaction_id
+        self._prepare = prepare  # queue file bytes -> bytes, in the commit's thread
         self.arrival = arrival
         self._local = local
         self._queued = queued  # a popgate.relay.queue.Incoming, or None
@@ -150,7 +156,7 @@ class SubmittedTransaction:
         except OSError:
             self._queued.abort()
             raise
-        d = self._run_in_thread(self._queued.commit)
+        d = self._run_in_thread(self._queued.commit, self._prepare)
         d.addErrback(self._queue_failed)
         return d
 
@@ -358,12 +364,17 @@ class SubmissionServer(SMTPServer):
         first = remote[0].address if len(remote) == 1 else None
         header = received_header(arrival, first, self.factory.hostname, transaction_id,
                                  email.utils.formatdate(localtime=True))
-        d = self.factory.run_in_thread(_open_queue_file, self.factory.queue, envelope,
-                                       (header + "\n").encode("utf-8"))
+        trace = (header + "\n").encode("utf-8")
+        d = self.factory.run_in_thread(_open_queue_file, self.factory.queue, envelope, trace)
+        prepare = partial(sign.prepare, trace_octets=len(trace),
+                          message_id=transaction_id, hostname=self.factory.hostname,
+                          now=self.clock.seconds(), key_dir=self.factory.config.dkim_key_dir,
+                          selector=self.factory.config.dkim.selector,
+                          warn=lambda text: self.log.warn("{text}", text=text))
 
         def opened(queued):
             return SubmittedTransaction(transaction_id, arrival, local, queued,
-                                        self.factory.run_in_thread)
+                                        self.factory.run_in_thread, prepare)
 
         def failed(failure):
             if local is not None:
