@@ -181,6 +181,12 @@ class LineSession(protocol.Protocol):
         self.input_consumed()
         self.update_reading()
 
+    def publish_login(self, attempt, result: str, user: str | None = None) -> None:
+        """A ``login`` event for an :class:`~popgate.auth.login.LoginAttempt`: the user
+        (as given, or the normalised name on success), the mechanism; never the secret."""
+        self.events.publish("login", self.info, user=user or attempt.name.decode(
+            "utf-8", "replace"), mechanism=attempt.mechanism, result=result)
+
     def begin_operation(self, name: str) -> None:
         """A reply is owed (a login, a commit): no further input is consumed until
         :meth:`end_operation`."""

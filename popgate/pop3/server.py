@@ -597,10 +597,6 @@ class POP3Server(LineSession):
                        errbackArgs=(attempt,))
         d.addErrback(self._unexpected)
 
-    def _publish_login(self, attempt: LoginAttempt, result: str, user=None) -> None:
-        self.events.publish("login", self.info, user=user or attempt.name.decode(
-            "utf-8", "replace"), mechanism=attempt.mechanism, result=result)
-
     def _logged_in(self, result, attempt: LoginAttempt) -> None:
         self._login = None
         if result is None:
@@ -610,7 +606,7 @@ class POP3Server(LineSession):
             logout()
             return
         self._maildrop, self._logout = maildrop, logout
-        self._publish_login(attempt, "ok", maildrop.user)
+        self.publish_login(attempt, "ok", maildrop.user)
         if not self.closing:  # else ended() logs out
             self._enter_transaction()
 
@@ -628,7 +624,7 @@ class POP3Server(LineSession):
         if failure.check(defer.CancelledError):
             return  # the session went away during a wait
         if failure.check(LoginFailed):
-            self._publish_login(attempt, "failed")
+            self.publish_login(attempt, "failed")
             self._auth_failures += 1
             self._send(b"-ERR [AUTH] Authentication failed")  # the login event records it
             if self._auth_failures >= self.factory.config.limits.auth_max_failures:
@@ -637,11 +633,11 @@ class POP3Server(LineSession):
                 self.end_operation()
             return
         if failure.check(MailboxInUse):
-            self._publish_login(attempt, "in-use")
+            self.publish_login(attempt, "in-use")
             self._refuse(b"-ERR [IN-USE] Mailbox is in use by another session",
                          "mailbox in use")
         elif failure.check(UsersUnavailable):  # UserDB has logged why, at a bounded rate
-            self._publish_login(attempt, "error")
+            self.publish_login(attempt, "error")
             self._refuse(b"-ERR [SYS/TEMP] User database temporarily unavailable",
                          "user database unavailable")
         else:
@@ -649,7 +645,7 @@ class POP3Server(LineSession):
                 log_storage_error(failure.value, self.factory.refusal_log)
             else:
                 log.failure("POP3 login failed for {peer}", failure, peer=self.info.client)
-            self._publish_login(attempt, "error")
+            self.publish_login(attempt, "error")
             # RFC 3206 §4: SYS/PERM when retrying will not help until an administrator acts.
             self._refuse(b"-ERR [SYS/PERM] Mailbox unavailable, please tell the administrator"
                          if failure.check(PermissionError)

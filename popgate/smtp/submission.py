@@ -273,10 +273,6 @@ class SubmissionServer(SMTPServer):
                        errbackArgs=(attempt,))
         self._wait_for(d, "login")
 
-    def _publish_login(self, attempt: LoginAttempt, result: str, user=None) -> None:
-        self.events.publish("login", self.info, user=user or attempt.name.decode(
-            "utf-8", "replace"), mechanism=attempt.mechanism, result=result)
-
     def _logged_in(self, result, attempt: LoginAttempt) -> None:
         self._login = None
         if result is None:
@@ -284,7 +280,7 @@ class SubmissionServer(SMTPServer):
         account, logout = result
         logout()  # an account holds nothing
         self.session.user = account.name
-        self._publish_login(attempt, "ok", account.name)
+        self.publish_login(attempt, "ok", account.name)
         self._reply(235, "2.7.0", "Authentication successful")
 
     def _login_failed(self, failure, attempt: LoginAttempt) -> None:
@@ -294,10 +290,10 @@ class SubmissionServer(SMTPServer):
         if not failure.check(LoginFailed):
             self.log.failure("{proto} {peer}: login error", failure, proto=self.info.protocol,
                              peer=self.info.client)
-            self._publish_login(attempt, "error")
+            self.publish_login(attempt, "error")
             self._reply(454, "4.7.0", "Temporary authentication failure")
             return
-        self._publish_login(attempt, "failed")
+        self.publish_login(attempt, "failed")
         self._auth_failures += 1
         self._answer(Reply(535, "5.7.8", "Authentication credentials invalid"))
         if self._auth_failures >= self.factory.config.limits.auth_max_failures:
