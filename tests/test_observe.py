@@ -60,10 +60,11 @@ class TraceTests(TestCase):
         self.dialogue(info, ("command", "DATA"), ("reply", "354 End data"))
         self.events.publish("message", info, action="delivered", id="Q1", sender="a@b.test",
                             recipients=("c@d.test",), users=("c@d.test",), octets=460,
-                            list_octets=474, tls=None)
+                            list_octets=474, tls=None, summary="Subject: hi")
         self.events.publish("message", info, action="retrieved", number=1, uidl="u", octets=9)
         self.assertEqual(self.lines()[-1], f"{info.id} SMTP 127.0.0.1:40001 C: [message data: "
-                                           "460 octets stored, 474 as LIST reports them]")
+                                           "460 octets stored, 474 as LIST reports them; "
+                                           "Subject: hi]")
         self.assertEqual(len(self.lines()), 3)
 
     def test_secrets_masked_even_if_a_protocol_forgot(self):

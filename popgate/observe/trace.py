@@ -57,7 +57,8 @@ class ProtocolTrace:
         else:
             direction = "S"
             self._mask.reply(session.id, line)
-        line = describe_line(line, event.data)
+        if event.kind != "message":  # a delivery's summary is in its line already
+            line = describe_line(line, event.data)
         self._log.info(_FORMAT, session=session.id, protocol=session.protocol,
                        client=session.client, direction=direction, line=line)
 
