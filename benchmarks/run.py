@@ -61,7 +61,8 @@ class Params:
     """Workload sizes (full run defaults; see QUICK)."""
 
     smtp_messages: int = 2000
-    smtp_conns: str = "8,50"  # one SMTP run per connection count (smtp, smtpsource)
+    smtp_conns: str = "8,50"  # one SMTP run per connection count
+    source_conns: str = "8,50"  # one smtp-source run per session count
     smtptls_conns: int = 8
     smtp_recipients: int = 8
     message_size: int = 4096
@@ -83,8 +84,9 @@ class Params:
 
 QUICK = {"smtp_messages": 100, "smtp_conns": "2,4", "smtp_recipients": 4, "pop3_clients": 4,
          "pop3_messages": 50, "bigbox_messages": 1000, "bigmsg_mib": 5.0,
-         "idle_conns": 100, "login_seconds": 1.0, "smtptls_conns": 2, "office_users": 10,
-         "office_seconds": 2.0, "office_smtp_rate": 10.0, "office_smtp_conns": 2}
+         "idle_conns": 100, "login_seconds": 1.0, "smtptls_conns": 2, "source_conns": "4",
+         "office_users": 6, "office_seconds": 1.0, "office_smtp_rate": 10.0,
+         "office_smtp_conns": 2}
 
 
 @dataclass
@@ -106,7 +108,7 @@ def workload_users(workload: str, p: Params) -> list[str]:
     if workload == "smtp":
         return [u for n in smtp_conn_counts(p) for u in smtp_users(p, n)]
     if workload == "smtpsource":
-        return [f"source{n}c" for n in smtp_conn_counts(p)]
+        return [f"source{n}c" for n in smtp_conn_counts(p, p.source_conns)]
     if workload == "smtptls":
         return [f"rcpttls{i}" for i in range(p.smtp_recipients)]
     if workload in ("pop3", "pop3s"):
@@ -132,9 +134,10 @@ def supported(server: Server, workload: str) -> bool:
 Factory = Callable[[ProcTree], Coroutine]
 
 
-def smtp_conn_counts(p: Params) -> list[int]:
+def smtp_conn_counts(p: Params, counts: str | None = None) -> list[int]:
     """The connection counts of the SMTP runs ("8,50" -> [8, 50])."""
-    return [int(n) for n in p.smtp_conns.split(",") if n.strip()]
+    text = p.smtp_conns if counts is None else counts
+    return [int(n) for n in text.split(",") if n.strip()]
 
 
 def smtp_users(p: Params, conns: int) -> list[str]:
@@ -255,7 +258,7 @@ def runs_of(server: Server, workload: str, p: Params) -> list[Run]:
                 for n in smtp_conn_counts(p)]
     if workload == "smtpsource":
         return [(f"source{n}", lambda p, n=n: prep_smtpsource(server, p, n))
-                for n in smtp_conn_counts(p)]
+                for n in smtp_conn_counts(p, p.source_conns)]
     if workload == "idle":
         return [(f"idle_{proto}", lambda p, proto=proto: prep_idle(server, p, proto))
                 for proto in server.protocols]
@@ -296,8 +299,7 @@ def bench_server(name: str, p: Params, workloads: list[str], options: Options,
         todo = [w for w in workloads if supported(server, w)]
         other = [w for w in workloads if w not in todo]
         if other:
-            outcome.notes.append(f"{name} speaks {'+'.join(server.protocols).upper()} only: "
-                                 f"no {', '.join(other)}")
+            outcome.notes.append(f"{name} does not run {', '.join(other)}")
         users = list(dict.fromkeys(u for w in todo for u in workload_users(w, p)))
         server.configure(users)
         for workload in todo:
@@ -345,7 +347,7 @@ def rows(p: Params) -> list[tuple[str, str, str]]:
         (f"smtp{n}.data_p99_ms", f"SMTP DATA-end->250 p99 ms, {n} conns", "lower"),
         (f"smtp{n}.cpu_ms_per_msg", f"SMTP server CPU ms/msg, {n} conns", "lower"),
     ]]
-    source = [row for n in smtp_conn_counts(p) for row in [
+    source = [row for n in smtp_conn_counts(p, p.source_conns) for row in [
         (f"source{n}.delivered_per_s", f"smtp-source delivered msgs/s, {n} conns", "higher"),
         (f"source{n}.cpu_ms_per_msg", f"smtp-source server CPU ms/msg, {n} conns", "lower"),
     ]]
