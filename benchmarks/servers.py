@@ -181,14 +181,15 @@ class Server:
 
     name = "server"
     protocols: tuple[str, ...] = ()  # one listening port each (and one idle run each)
-    ports_extra: tuple[str, ...] = ()  # further ports (implicit TLS)
+    ports_extra: tuple[str, ...] = ()  # implicit-TLS ports (only with Options.tls_cert)
     features: frozenset[str] = frozenset()  # workloads it can run (see run.NEEDS)
     owner: tuple[int, int] | None = None  # owner of mail files, None = us
 
     def __init__(self, root: Path, options: Options) -> None:
         self.root = root
         self.options = options
-        self.ports = {proto: free_port() for proto in self.protocols + self.ports_extra}
+        extra = self.ports_extra if options.tls_cert is not None else ()
+        self.ports = {proto: free_port() for proto in self.protocols + extra}
         self.proc: subprocess.Popen | None = None
         self.log = root / f"{self.name}.log"
 
@@ -339,16 +340,22 @@ class Popgate(Server):
             "max_message_size = 104857600\n"
             "[pop3]\n"
             f'listen = ["tcp:{self.ports["pop3"]}:interface={HOST}"]\n'
-            f'tls_listen = ["tcp:{self.ports["pop3s"]}:interface={HOST}"]\n'
-            "[tls]\n"
-            f"certificate = {json.dumps(str(self.options.tls_cert))}\n"
-            f"key = {json.dumps(str(self.options.tls_key))}\n"
+            + self._tls_text() +
             "[submission]\n"
             "listen = []\n"
             "[limits]\n"
             "max_sessions = 5000\n"
             "max_sessions_per_ip = 5000\n"
         )
+
+    def _tls_text(self) -> str:
+        """The POP3S listener and [tls] (STARTTLS too); none without a certificate."""
+        if self.options.tls_cert is None:
+            return ""
+        return (f'tls_listen = ["tcp:{self.ports["pop3s"]}:interface={HOST}"]\n'
+                "[tls]\n"
+                f"certificate = {json.dumps(str(self.options.tls_cert))}\n"
+                f"key = {json.dumps(str(self.options.tls_key))}\n")
 
     def configure(self, users: list[str]) -> None:
         """Write popgate.toml and add the users."""
@@ -399,10 +406,7 @@ state_dir = {root}/state
 instance_name = {instance}
 protocols = pop3
 listen = {host}
-ssl = yes
-ssl_cert = <{cert}
-ssl_key = <{key}
-ssl_min_protocol = TLSv1.3
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {root}/dovecot.log
@@ -475,10 +479,17 @@ class Dovecot(Server):
         (self.root / "users").write_text("\n".join(lines) + "\n")
         (self.root / "dovecot.conf").write_text(DOVECOT_CONF.format(
             root=self.root, instance=f"bench-{self.root.name}", host=HOST,
-            port=self.ports["pop3"], pop3s=self.ports["pop3s"], cert=self.options.tls_cert,
-            key=self.options.tls_key, uid=uid, gid=gid, mail_root=self.mail_root,
+            port=self.ports["pop3"], pop3s=self.ports["pop3s"], ssl=self._ssl_text(),
+            uid=uid, gid=gid, mail_root=self.mail_root,
             limit=self.options.max_procs, cores=os.cpu_count() or 1))
         self.log = self.root / "dovecot.log"
+
+    def _ssl_text(self) -> str:
+        """dovecot.conf SSL settings: the run's certificate, TLS 1.3 only."""
+        if self.options.tls_cert is None:
+            raise ServerError("dovecot needs a certificate (Options.tls_cert) for POP3S")
+        return (f"ssl = yes\nssl_cert = <{self.options.tls_cert}\n"
+                f"ssl_key = <{self.options.tls_key}\nssl_min_protocol = TLSv1.3")
 
     def start(self) -> None:
         """dovecot -F -c dovecot.conf."""
@@ -522,6 +533,10 @@ virtual_minimum_uid = {uid}
 virtual_uid_maps = static:{uid}
 virtual_gid_maps = static:{gid}
 virtual_mailbox_limit = 0
+"""
+
+# STARTTLS with the run's certificate (only when Options has one), TLS 1.3 only.
+POSTFIX_TLS = """\
 smtpd_tls_security_level = may
 smtpd_tls_chain_files = {key}, {cert}
 smtpd_tls_protocols = >=TLSv1.3
@@ -585,12 +600,17 @@ class Postfix(Server):
         self.mail_root.mkdir(parents=True, exist_ok=True)
         (self.config_dir / "main.cf").write_text(POSTFIX_MAIN.format(
             root=self.root, domain=DOMAIN, host=HOST, limit=self.options.max_procs,
-            mail_root=self.mail_root, uid=uid, gid=gid, cert=self.options.tls_cert,
-            key=self.options.tls_key))
+            mail_root=self.mail_root, uid=uid, gid=gid) + self._tls_text())
         (self.config_dir / "master.cf").write_text(POSTFIX_MASTER.format(
             host=HOST, port=self.ports["smtp"]))
         (self.config_dir / "vmailbox").write_text("".join(
             f"{self.address(u)} {DOMAIN}/{u}/Maildir/\n" for u in users))
+
+    def _tls_text(self) -> str:
+        """main.cf lines for STARTTLS; none without a certificate in Options."""
+        if self.options.tls_cert is None:
+            return ""
+        return POSTFIX_TLS.format(cert=self.options.tls_cert, key=self.options.tls_key)
 
     def _postfix(self, command: str) -> str:
         return run_checked(["postfix", "-c", str(self.config_dir), command],
