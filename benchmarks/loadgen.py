@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.procstat import ProcTree, RssSampler
+from benchmarks.procstat import ProcTree, ProcTrees, RssSampler
 
 CRLF = b"\r\n"
 READ_CHUNK = 256 * 1024
@@ -884,7 +884,7 @@ class OfficeStats:
 
     sessions: list[float] = field(default_factory=list)
     retrs: int = 0
-    count_mismatch: int = 0
+    problems: int = 0  # STAT/UIDL count disagreements, bare LFs in RETR
 
 
 async def office_session(load: OfficeLoad, user: str, stats: OfficeStats) -> None:
@@ -896,11 +896,11 @@ async def office_session(load: OfficeLoad, user: str, stats: OfficeStats) -> Non
         count = int((await session.command("STAT")).split()[1])
         uids = await session.listing("UIDL")
         if len(uids) != count:
-            stats.count_mismatch += 1
+            stats.problems += 1
         for number in sorted(uids):
             body = await session.multi(f"RETR {number}")
             if has_bare_lf(body):
-                stats.count_mismatch += 1
+                stats.problems += 1
             stats.retrs += 1
         await session.quit()
     finally:
@@ -930,7 +930,7 @@ async def _office_smtp(load: OfficeLoad, conn_index: int, stop: float,
         conn.close()
 
 
-async def office_workload(load: OfficeLoad, tree) -> dict:
+async def office_workload(load: OfficeLoad, tree: ProcTree | ProcTrees) -> dict:
     """Sessions at a steady start rate plus steady SMTP; session and 250 latencies."""
     stats, smtp = OfficeStats(), SmtpStats()
     cpu0 = tree.cpu_seconds()
@@ -957,6 +957,6 @@ async def office_workload(load: OfficeLoad, tree) -> dict:
         "sessions_ok": len(stats.sessions),
         "retrs": stats.retrs,
         "smtp_accepted": smtp.accepted,
-        "errors": len(errors) + stats.count_mismatch + smtp.rejected,
+        "errors": len(errors) + stats.problems + smtp.rejected,
         "first_error": errors[0] if errors else None,
     }
