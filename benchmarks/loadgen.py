@@ -26,12 +26,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
+import ssl
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.procstat import ProcTree, RssSampler
+from benchmarks.procstat import ProcTree, ProcTrees, RssSampler
 
 CRLF = b"\r\n"
 READ_CHUNK = 256 * 1024
@@ -136,10 +138,17 @@ class Conn:
         self.buf = bytearray()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Conn:
-        """Connect to host:port."""
-        reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK)
+    async def open(cls, host: str, port: int, tls: ssl.SSLContext | None = None) -> Conn:
+        """Connect to host:port (with implicit TLS when `tls` is given)."""
+        reader, writer = await asyncio.open_connection(host, port, limit=READ_CHUNK,
+                                                       ssl=tls)
         return cls(reader, writer)
+
+    async def start_tls(self, tls: ssl.SSLContext) -> None:
+        """Upgrade the connection in place (after STARTTLS/STLS was accepted)."""
+        if self.buf:
+            raise ProtocolError("server sent data before the TLS handshake")
+        await self.writer.start_tls(tls)
 
     async def _fill(self) -> None:
         chunk = await self.reader.read(READ_CHUNK)
@@ -209,13 +218,31 @@ async def smtp_expect(conn: Conn, code: int) -> list[bytes]:
     return lines
 
 
-async def smtp_open(host: str, port: int) -> tuple[Conn, bool]:
-    """Connect, read the greeting, send EHLO; return (conn, PIPELINING advertised)."""
+def client_tls() -> ssl.SSLContext:
+    """The load generator's TLS client context: TLS 1.3 only.  The servers present a
+    self-signed certificate made for the run; it is not verified (loopback only)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+async def smtp_open(host: str, port: int,
+                    tls: ssl.SSLContext | None = None) -> tuple[Conn, bool]:
+    """Connect, read the greeting, send EHLO (and with `tls`, STARTTLS and EHLO again);
+    return (conn, PIPELINING advertised)."""
     conn = await Conn.open(host, port)
     try:
         await smtp_expect(conn, 220)
         conn.send(b"EHLO loadgen.test\r\n")
         lines = await smtp_expect(conn, 250)
+        if tls is not None:
+            conn.send(b"STARTTLS\r\n")
+            await smtp_expect(conn, 220)
+            await conn.start_tls(tls)
+            conn.send(b"EHLO loadgen.test\r\n")
+            lines = await smtp_expect(conn, 250)
     except BaseException:
         conn.close()
         raise
@@ -260,25 +287,32 @@ async def _smtp_envelope(conn: Conn, sender: str, rcpt: str, pipelining: bool) -
     return True
 
 
+async def _smtp_send(conn: Conn, sender: str, rcpt: str, payload: bytes,
+                     pipelining: bool, stats: SmtpStats) -> None:
+    """One transaction; counts it and its DATA-end -> reply latency in `stats`."""
+    if not await _smtp_envelope(conn, sender, rcpt, pipelining):
+        stats.rejected += 1
+        return
+    conn.send(payload)
+    await conn.drain()
+    started = time.perf_counter()
+    code, _ = await smtp_reply(conn)
+    stats.latencies.append(time.perf_counter() - started)
+    if code == 250:
+        stats.accepted += 1
+    else:
+        stats.rejected += 1
+
+
 async def _smtp_connection(host: str, port: int, sender: str,
-                           jobs: list[tuple[str, bytes]], stats: SmtpStats) -> None:
+                           jobs: list[tuple[str, bytes]], stats: SmtpStats,
+                           tls: ssl.SSLContext | None = None) -> None:
     """One connection sending every (rcpt, dot-stuffed payload) in `jobs`."""
-    conn, pipelining = await smtp_open(host, port)
+    conn, pipelining = await smtp_open(host, port, tls)
     stats.pipelined = pipelining
     try:
         for rcpt, payload in jobs:
-            if not await _smtp_envelope(conn, sender, rcpt, pipelining):
-                stats.rejected += 1
-                continue
-            conn.send(payload)
-            await conn.drain()
-            started = time.perf_counter()
-            code, _ = await smtp_reply(conn)
-            stats.latencies.append(time.perf_counter() - started)
-            if code == 250:
-                stats.accepted += 1
-            else:
-                stats.rejected += 1
+            await _smtp_send(conn, sender, rcpt, payload, pipelining, stats)
         conn.send(b"QUIT\r\n")
         await smtp_reply(conn)
     finally:
@@ -322,6 +356,7 @@ class SmtpLoad:
     size: int = 4096
     sender: str = "loadgen@loadgen.test"
     deliver_timeout: float = 120.0
+    tls: ssl.SSLContext | None = None  # STARTTLS on every connection
 
 
 def _smtp_jobs(load: SmtpLoad) -> list[list[tuple[str, bytes]]]:
@@ -342,7 +377,8 @@ async def smtp_workload(load: SmtpLoad, tree: ProcTree) -> dict:
     cpu0, own0 = tree.cpu_seconds(), time.process_time()
     started = time.perf_counter()
     results = await asyncio.gather(
-        *(_smtp_connection(load.host, load.port, load.sender, j, stats) for j in jobs),
+        *(_smtp_connection(load.host, load.port, load.sender, j, stats, load.tls)
+          for j in jobs),
         return_exceptions=True)
     sent = time.perf_counter()
     own1 = time.process_time()
@@ -376,9 +412,9 @@ class Pop3:
         self.conn = conn
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Pop3:
-        """Connect and read the +OK greeting."""
-        session = cls(await Conn.open(host, port))
+    async def open(cls, host: str, port: int, tls: ssl.SSLContext | None = None) -> Pop3:
+        """Connect (implicit TLS with `tls`) and read the +OK greeting."""
+        session = cls(await Conn.open(host, port, tls))
         try:
             await session.status()
         except BaseException:
@@ -478,13 +514,14 @@ class Gate:
 
 
 async def pop3_session(host: str, port: int, user: str, password: str,
-                       expected_size: int | None, stats: Pop3Stats, gate: Gate) -> None:
+                       expected_size: int | None, stats: Pop3Stats, gate: Gate,
+                       tls: ssl.SSLContext | None = None) -> None:
     """login, (wait at `gate` for the other clients' logins), STAT, UIDL, LIST, RETR
     every message, QUIT.  The session time excludes the wait at the gate."""
     started = time.perf_counter()
     arrived = False
     try:
-        session = await Pop3.open(host, port)
+        session = await Pop3.open(host, port, tls)
     except BaseException:
         gate.drop()
         raise
@@ -521,6 +558,7 @@ class Pop3Load:
     password: str
     messages: int
     size: int = 4096
+    tls: ssl.SSLContext | None = None  # implicit TLS (POP3S)
 
 
 async def pop3_workload(load: Pop3Load, tree: ProcTree) -> dict:
@@ -533,7 +571,8 @@ async def pop3_workload(load: Pop3Load, tree: ProcTree) -> dict:
     gate = Gate(len(load.users))
     cpu_all = tree.cpu_seconds()
     sessions = asyncio.gather(
-        *(pop3_session(load.host, load.port, u, load.password, load.size, stats, gate)
+        *(pop3_session(load.host, load.port, u, load.password, load.size, stats, gate,
+                       load.tls)
           for u in load.users),
         return_exceptions=True)
     opened = asyncio.ensure_future(gate.opened.wait())
@@ -767,4 +806,157 @@ async def logins_workload(load: LoginLoad, tree: ProcTree) -> dict:
         "cpu_ms_per_login": cpu * 1000 / len(results) if results else None,
         "errors": len(failed),
         "first_error": failed[0] if failed else None,
+    }
+
+
+# ------------------------------------------------------------------- smtp-source
+
+
+@dataclass
+class SmtpSourceLoad:
+    """Postfix's `smtp-source` as the SMTP client: ``-l SIZE -m N -s CONNS``, one
+    recipient, delivery counted in its Maildir as for the smtp workload."""
+
+    host: str
+    port: int
+    messages: int
+    conns: int
+    recipient: str
+    maildir: Path
+    size: int = 4096
+    sender: str = "loadgen@loadgen.test"
+    deliver_timeout: float = 120.0
+    command: str = "smtp-source"
+
+
+async def smtp_source_workload(load: SmtpSourceLoad, tree: ProcTree) -> dict:
+    """Run smtp-source to completion, then wait for every message in new/."""
+    baseline = count_new([load.maildir])
+    cpu0 = tree.cpu_seconds()
+    started = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        load.command, "-l", str(load.size), "-m", str(load.messages), "-s", str(load.conns),
+        "-f", load.sender, "-t", load.recipient, f"{load.host}:{load.port}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    output, _ = await proc.communicate()
+    sent = time.perf_counter()
+    count, done = await wait_delivered([load.maildir], baseline + load.messages,
+                                       load.deliver_timeout)
+    cpu = tree.cpu_seconds() - cpu0
+    delivered = count - baseline
+    problem = output.decode(errors="replace").strip().splitlines()[:1]
+    return {
+        "sent_per_s": rate(load.messages, sent - started),
+        "delivered_per_s": rate(delivered, done - started) if done else None,
+        "cpu_ms_per_msg": cpu * 1000 / delivered if delivered else None,
+        "delivered": delivered,
+        "errors": int(proc.returncode != 0) + (load.messages - delivered),
+        "first_error": (f"smtp-source exit {proc.returncode}: {problem}"
+                        if proc.returncode or problem else None),
+    }
+
+
+# ---------------------------------------------------------------- office morning
+
+
+@dataclass
+class OfficeLoad:
+    """An office morning: every user logs in once (sessions start at a steady rate
+    over `seconds`), STAT, UIDL, RETR of every message, QUIT; meanwhile `smtp_conns`
+    connections deliver to random users of the office at `smtp_rate` messages/s."""
+
+    host: str
+    smtp_port: int
+    pop3_port: int
+    users: list[str]
+    password: str
+    seconds: float = 20.0
+    smtp_rate: float = 20.0
+    smtp_conns: int = 4
+    size: int = 4096
+    sender: str = "loadgen@loadgen.test"
+    seed: int = 17
+
+
+@dataclass
+class OfficeStats:
+    """What the office sessions saw."""
+
+    sessions: list[float] = field(default_factory=list)
+    retrs: int = 0
+    problems: int = 0  # STAT/UIDL count disagreements, bare LFs in RETR
+
+
+async def office_session(load: OfficeLoad, user: str, stats: OfficeStats) -> None:
+    """login, STAT, UIDL, RETR of each message, QUIT; timed from connect to QUIT's reply."""
+    started = time.perf_counter()
+    session = await Pop3.open(load.host, load.pop3_port)
+    try:
+        await session.login(user, load.password)
+        count = int((await session.command("STAT")).split()[1])
+        uids = await session.listing("UIDL")
+        if len(uids) != count:
+            stats.problems += 1
+        for number in sorted(uids):
+            body = await session.multi(f"RETR {number}")
+            if has_bare_lf(body):
+                stats.problems += 1
+            stats.retrs += 1
+        await session.quit()
+    finally:
+        session.close()
+    stats.sessions.append(time.perf_counter() - started)
+
+
+async def _office_smtp(load: OfficeLoad, conn_index: int, stop: float,
+                       stats: SmtpStats) -> None:
+    """One SMTP connection sending at rate smtp_rate / smtp_conns on a fixed schedule."""
+    conn, pipelining = await smtp_open(load.host, load.smtp_port)
+    interval = load.smtp_conns / load.smtp_rate
+    pick = random.Random(load.seed + conn_index)
+    tick = time.perf_counter() + conn_index * interval / load.smtp_conns
+    sent = 0
+    try:
+        while tick < stop:
+            await asyncio.sleep(max(0.0, tick - time.perf_counter()))
+            rcpt = pick.choice(load.users)
+            payload = dot_stuff(make_message(load.size, f"o{conn_index}-{sent}", rcpt))
+            await _smtp_send(conn, load.sender, rcpt, payload, pipelining, stats)
+            sent += 1
+            tick += interval
+        conn.send(b"QUIT\r\n")
+        await smtp_reply(conn)
+    finally:
+        conn.close()
+
+
+async def office_workload(load: OfficeLoad, tree: ProcTree | ProcTrees) -> dict:
+    """Sessions at a steady start rate plus steady SMTP; session and 250 latencies."""
+    stats, smtp = OfficeStats(), SmtpStats()
+    cpu0 = tree.cpu_seconds()
+    started = time.perf_counter()
+    stop = started + load.seconds
+    senders = [asyncio.ensure_future(_office_smtp(load, i, stop, smtp))
+               for i in range(load.smtp_conns)]
+    sessions = []
+    for i, user in enumerate(load.users):
+        await asyncio.sleep(max(0.0, started + i * load.seconds / len(load.users)
+                                - time.perf_counter()))
+        sessions.append(asyncio.ensure_future(office_session(load, user, stats)))
+    results = await asyncio.gather(*sessions, *senders, return_exceptions=True)
+    elapsed = time.perf_counter() - started
+    cpu = tree.cpu_seconds() - cpu0
+    errors = [repr(r) for r in results if isinstance(r, BaseException)]
+    return {
+        "session_p50_ms": ms(percentile(stats.sessions, 50)),
+        "session_p99_ms": ms(percentile(stats.sessions, 99)),
+        "smtp_250_p50_ms": ms(percentile(smtp.latencies, 50)),
+        "smtp_250_p99_ms": ms(percentile(smtp.latencies, 99)),
+        "cpu_s": cpu,
+        "seconds": elapsed,
+        "sessions_ok": len(stats.sessions),
+        "retrs": stats.retrs,
+        "smtp_accepted": smtp.accepted,
+        "errors": len(errors) + stats.problems + smtp.rejected,
+        "first_error": errors[0] if errors else None,
     }

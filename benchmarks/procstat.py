@@ -154,3 +154,14 @@ class RssSampler(threading.Thread):
         self.join(timeout=5)
         self.peak_kib = max(self.peak_kib, self.tree.rss_kib())
         return self.peak_kib
+
+
+class ProcTrees:
+    """Several process trees measured as one server (Dovecot + Postfix): CPU only."""
+
+    def __init__(self, trees: list[ProcTree]) -> None:
+        self.trees = trees
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds of all the trees."""
+        return sum(tree.cpu_seconds() for tree in self.trees)

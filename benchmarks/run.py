@@ -35,13 +35,24 @@ if __package__ in (None, ""):  # run as a script: make "benchmarks" importable
 from benchmarks import loadgen  # noqa: E402
 from benchmarks.maildirs import fill  # noqa: E402
 from benchmarks.procstat import ProcTree  # noqa: E402
-from benchmarks.servers import HOST, PASSWORD, SERVERS, Options, Server, ServerError  # noqa: E402
+from benchmarks.servers import (  # noqa: E402
+    HOST,
+    PASSWORD,
+    SERVERS,
+    Options,
+    Server,
+    ServerError,
+    make_certificate,
+)
 
-WORKLOADS = ("smtp", "pop3", "bigbox", "bigmsg", "idle", "logins")
-NEEDS = {"smtp": "smtp", "pop3": "pop3", "bigbox": "pop3", "bigmsg": "pop3",
-         "logins": "pop3", "idle": None}
-TIMEOUTS = {"smtp": 300, "pop3": 300, "bigbox": 180, "bigmsg": 120, "idle": 120,
-            "logins": 60}
+WORKLOADS = ("smtp", "smtpsource", "smtptls", "pop3", "pop3s", "bigbox", "bigmsg", "idle",
+             "logins", "office")
+# the feature (Server.features) a workload needs; None: every server
+NEEDS = {"smtp": "smtp", "smtpsource": "smtpsource", "smtptls": "smtptls", "pop3": "pop3",
+         "pop3s": "pop3s", "bigbox": "pop3", "bigmsg": "pop3", "logins": "pop3",
+         "office": "office", "idle": None}
+TIMEOUTS = {"smtp": 300, "smtpsource": 300, "smtptls": 300, "pop3": 300, "pop3s": 300,
+            "bigbox": 180, "bigmsg": 120, "idle": 120, "logins": 60, "office": 300}
 MIB = 1024 * 1024
 
 
@@ -51,6 +62,8 @@ class Params:
 
     smtp_messages: int = 2000
     smtp_conns: str = "8,50"  # one SMTP run per connection count
+    source_conns: str = "8,50"  # one smtp-source run per session count
+    smtptls_conns: int = 8
     smtp_recipients: int = 8
     message_size: int = 4096
     pop3_clients: int = 10
@@ -61,12 +74,19 @@ class Params:
     login_rate: float = 20.0
     login_seconds: float = 5.0
     noop_interval: float = 0.02
+    office_users: int = 200
+    office_messages: int = 3  # new mail waiting in each office mailbox at the start
+    office_seconds: float = 20.0  # session starts spread over this; SMTP runs this long
+    office_smtp_rate: float = 20.0
+    office_smtp_conns: int = 4
     timeout_scale: float = 1.0
 
 
 QUICK = {"smtp_messages": 100, "smtp_conns": "2,4", "smtp_recipients": 4, "pop3_clients": 4,
          "pop3_messages": 50, "bigbox_messages": 1000, "bigmsg_mib": 5.0,
-         "idle_conns": 100, "login_seconds": 1.0}
+         "idle_conns": 100, "login_seconds": 1.0, "smtptls_conns": 2, "source_conns": "4",
+         "office_users": 6, "office_seconds": 1.0, "office_smtp_rate": 10.0,
+         "office_smtp_conns": 2}
 
 
 @dataclass
@@ -87,8 +107,14 @@ def workload_users(workload: str, p: Params) -> list[str]:
     """Local parts of the users a workload needs."""
     if workload == "smtp":
         return [u for n in smtp_conn_counts(p) for u in smtp_users(p, n)]
-    if workload == "pop3":
-        return [f"pop{i}" for i in range(p.pop3_clients)]
+    if workload == "smtpsource":
+        return [f"source{n}c" for n in smtp_conn_counts(p, p.source_conns)]
+    if workload == "smtptls":
+        return [f"rcpttls{i}" for i in range(p.smtp_recipients)]
+    if workload in ("pop3", "pop3s"):
+        return [f"{workload}u{i}" for i in range(p.pop3_clients)]
+    if workload == "office":
+        return [f"office{i}" for i in range(p.office_users)]
     if workload in ("bigbox", "bigmsg"):
         return [workload]
     if workload == "logins":
@@ -100,17 +126,18 @@ def workload_users(workload: str, p: Params) -> list[str]:
 
 
 def supported(server: Server, workload: str) -> bool:
-    """Whether the server speaks the protocol the workload needs."""
+    """Whether the server can run the workload."""
     need = NEEDS[workload]
-    return need is None or need in server.protocols
+    return need is None or need in server.features
 
 
 Factory = Callable[[ProcTree], Coroutine]
 
 
-def smtp_conn_counts(p: Params) -> list[int]:
+def smtp_conn_counts(p: Params, counts: str | None = None) -> list[int]:
     """The connection counts of the SMTP runs ("8,50" -> [8, 50])."""
-    return [int(n) for n in p.smtp_conns.split(",") if n.strip()]
+    text = p.smtp_conns if counts is None else counts
+    return [int(n) for n in text.split(",") if n.strip()]
 
 
 def smtp_users(p: Params, conns: int) -> list[str]:
@@ -119,24 +146,59 @@ def smtp_users(p: Params, conns: int) -> list[str]:
     return [f"rcpt{conns}c{i}" for i in range(p.smtp_recipients)]
 
 
-def prep_smtp(server: Server, p: Params, conns: int) -> Factory:
-    """Empty recipient Maildirs; the SMTP workload over `conns` connections."""
-    users = smtp_users(p, conns)
+def prep_smtp(server: Server, p: Params, conns: int, users: list[str] | None = None,
+              tls: bool = False) -> Factory:
+    """Empty recipient Maildirs; the SMTP workload over `conns` connections (STARTTLS on
+    each with `tls`)."""
+    users = users or smtp_users(p, conns)
     load = loadgen.SmtpLoad(
         HOST, server.ports["smtp"], p.smtp_messages, conns,
         [server.address(u) for u in users], [server.prepare_mailbox(u) for u in users],
-        p.message_size, deliver_timeout=120 * p.timeout_scale)
+        p.message_size, deliver_timeout=120 * p.timeout_scale,
+        tls=loadgen.client_tls() if tls else None)
     return lambda tree: loadgen.smtp_workload(load, tree)
 
 
-def prep_pop3(server: Server, p: Params) -> Factory:
-    """One filled mailbox per client; the POP3 workload."""
-    users = workload_users("pop3", p)
+def prep_smtptls(server: Server, p: Params) -> Factory:
+    """The SMTP workload with STARTTLS, over smtptls_conns connections."""
+    return prep_smtp(server, p, p.smtptls_conns, workload_users("smtptls", p), tls=True)
+
+
+def prep_smtpsource(server: Server, p: Params, conns: int) -> Factory:
+    """One empty recipient Maildir; smtp-source over `conns` sessions."""
+    user = f"source{conns}c"
+    load = loadgen.SmtpSourceLoad(HOST, server.ports["smtp"], p.smtp_messages, conns,
+                                  server.address(user), server.prepare_mailbox(user),
+                                  p.message_size, deliver_timeout=120 * p.timeout_scale)
+    return lambda tree: loadgen.smtp_source_workload(load, tree)
+
+
+def prep_pop3(server: Server, p: Params, workload: str = "pop3") -> Factory:
+    """One filled mailbox per client; the POP3 workload (implicit TLS for pop3s)."""
+    users = workload_users(workload, p)
     for user in users:
         fill(server.prepare_mailbox(user), p.pop3_messages, p.message_size, server.owner)
-    load = loadgen.Pop3Load(HOST, server.ports["pop3"], [server.address(u) for u in users],
-                            PASSWORD, p.pop3_messages, p.message_size)
+    tls = loadgen.client_tls() if workload == "pop3s" else None
+    load = loadgen.Pop3Load(HOST, server.ports[workload], [server.address(u) for u in users],
+                            PASSWORD, p.pop3_messages, p.message_size, tls)
     return lambda tree: loadgen.pop3_workload(load, tree)
+
+
+def prep_pop3s(server: Server, p: Params) -> Factory:
+    """The POP3 workload over implicit TLS (POP3S)."""
+    return prep_pop3(server, p, "pop3s")
+
+
+def prep_office(server: Server, p: Params) -> Factory:
+    """Office mailboxes with office_messages new messages each; the office morning."""
+    users = workload_users("office", p)
+    for user in users:
+        fill(server.prepare_mailbox(user), p.office_messages, p.message_size, server.owner)
+    load = loadgen.OfficeLoad(HOST, server.ports["smtp"], server.ports["pop3"],
+                              [server.address(u) for u in users], PASSWORD,
+                              p.office_seconds, p.office_smtp_rate, p.office_smtp_conns,
+                              p.message_size)
+    return lambda tree: loadgen.office_workload(load, tree)
 
 
 def prep_bigbox(server: Server, p: Params) -> Factory:
@@ -172,8 +234,9 @@ def prep_idle(server: Server, p: Params, protocol: str) -> Factory:
     return lambda tree: loadgen.idle_workload(HOST, port, p.idle_conns, tree)
 
 
-PREPARE = {"pop3": prep_pop3, "bigbox": prep_bigbox,
-           "bigmsg": prep_bigmsg, "logins": prep_logins}
+PREPARE = {"pop3": prep_pop3, "pop3s": prep_pop3s, "smtptls": prep_smtptls,
+           "bigbox": prep_bigbox, "bigmsg": prep_bigmsg, "logins": prep_logins,
+           "office": prep_office}
 
 
 # ------------------------------------------------------------------------ running
@@ -193,6 +256,9 @@ def runs_of(server: Server, workload: str, p: Params) -> list[Run]:
     if workload == "smtp":
         return [(f"smtp{n}", lambda p, n=n: prep_smtp(server, p, n))
                 for n in smtp_conn_counts(p)]
+    if workload == "smtpsource":
+        return [(f"source{n}", lambda p, n=n: prep_smtpsource(server, p, n))
+                for n in smtp_conn_counts(p, p.source_conns)]
     if workload == "idle":
         return [(f"idle_{proto}", lambda p, proto=proto: prep_idle(server, p, proto))
                 for proto in server.protocols]
@@ -233,8 +299,7 @@ def bench_server(name: str, p: Params, workloads: list[str], options: Options,
         todo = [w for w in workloads if supported(server, w)]
         other = [w for w in workloads if w not in todo]
         if other:
-            outcome.notes.append(f"{name} speaks {'+'.join(server.protocols).upper()} only: "
-                                 f"no {', '.join(other)}")
+            outcome.notes.append(f"{name} does not run {', '.join(other)}")
         users = list(dict.fromkeys(u for w in todo for u in workload_users(w, p)))
         server.configure(users)
         for workload in todo:
@@ -282,14 +347,26 @@ def rows(p: Params) -> list[tuple[str, str, str]]:
         (f"smtp{n}.data_p99_ms", f"SMTP DATA-end->250 p99 ms, {n} conns", "lower"),
         (f"smtp{n}.cpu_ms_per_msg", f"SMTP server CPU ms/msg, {n} conns", "lower"),
     ]]
+    source = [row for n in smtp_conn_counts(p, p.source_conns) for row in [
+        (f"source{n}.delivered_per_s", f"smtp-source delivered msgs/s, {n} conns", "higher"),
+        (f"source{n}.cpu_ms_per_msg", f"smtp-source server CPU ms/msg, {n} conns", "lower"),
+    ]]
+    tls = p.smtptls_conns
     return [
         *smtp,
+        *source,
+        ("smtptls.delivered_per_s", f"SMTP STARTTLS delivered msgs/s, {tls} conns", "higher"),
+        ("smtptls.data_p99_ms", f"SMTP STARTTLS DATA-end->250 p99 ms, {tls} conns", "lower"),
+        ("smtptls.cpu_ms_per_msg", f"SMTP STARTTLS server CPU ms/msg, {tls} conns", "lower"),
         ("pop3.retr_per_s", "POP3 RETR/s", "higher"),
         ("pop3.mb_per_s", "POP3 MB/s", "higher"),
         ("pop3.session_p50_ms", "POP3 session p50 ms", "lower"),
         ("pop3.session_p99_ms", "POP3 session p99 ms", "lower"),
         ("pop3.cpu_us_per_retr", "POP3 server CPU us/RETR", "lower"),
         ("pop3.cpu_us_per_retr_all", "POP3 server CPU us/RETR incl. logins", "lower"),
+        ("pop3s.retr_per_s", "POP3S RETR/s", "higher"),
+        ("pop3s.cpu_us_per_retr", "POP3S server CPU us/RETR", "lower"),
+        ("pop3s.cpu_us_per_retr_all", "POP3S server CPU us/RETR incl. logins", "lower"),
         ("bigbox.cold_ms", f"{box} cold ms", "lower"),
         ("bigbox.warm_ms", f"{box} warm ms", "lower"),
         ("bigmsg.mb_per_s", f"{big} MB/s", "higher"),
@@ -303,6 +380,10 @@ def rows(p: Params) -> list[tuple[str, str, str]]:
         ("logins.noop_p99_ms", "NOOP p99 ms during logins", "lower"),
         ("logins.login_p50_ms", "login p50 ms", "lower"),
         ("logins.cpu_ms_per_login", "server CPU ms/login", "lower"),
+        ("office.session_p50_ms", "office session p50 ms", "lower"),
+        ("office.session_p99_ms", "office session p99 ms", "lower"),
+        ("office.smtp_250_p99_ms", "office SMTP DATA-end->250 p99 ms", "lower"),
+        ("office.cpu_s", "office server CPU s", "lower"),
         ("errors", "errors (all workloads)", "lower"),
     ]
 
@@ -364,7 +445,10 @@ def describe(p: Params) -> str:
             f"POP3 {p.pop3_clients} clients x {p.pop3_messages} msgs; "
             f"big box {p.bigbox_messages}; big msg {p.bigmsg_mib:g} MiB; "
             f"idle {p.idle_conns} conns; logins {p.login_rate:g}/s for "
-            f"{p.login_seconds:g}s, NOOP every {p.noop_interval * 1000:g} ms")
+            f"{p.login_seconds:g}s, NOOP every {p.noop_interval * 1000:g} ms; "
+            f"STARTTLS over {p.smtptls_conns} conns; office {p.office_users} users x "
+            f"{p.office_messages} msgs over {p.office_seconds:g}s with SMTP "
+            f"{p.office_smtp_rate:g}/s over {p.office_smtp_conns} conns")
 
 
 def report(results: dict[str, ServerResult], p: Params, workloads: list[str]) -> str:
@@ -453,12 +537,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print the report."""
     args = parse_args(argv)
     params = make_params(args)
-    options = Options(args.popgate_twistd, args.popgate_cli, args.popgate_users,
-                      args.dovecot_scheme, max(1200, params.idle_conns + 200))
     terminate_on_sigterm()
     results = {}
-    roots = []
+    roots = [Path(tempfile.mkdtemp(prefix="popgate-bench-tls-", dir=args.tmpdir))]
     try:
+        os.chmod(roots[0], 0o755)
+        cert, key = make_certificate(roots[0])
+        options = Options(args.popgate_twistd, args.popgate_cli, args.popgate_users,
+                          args.dovecot_scheme, max(1200, params.idle_conns + 200), cert, key)
         for name in args.servers:
             log(f"[{name}] starting")
             roots.append(Path(tempfile.mkdtemp(prefix=f"popgate-bench-{name}-",

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.maildirs import make_maildir
-from benchmarks.procstat import ProcTree
+from benchmarks.procstat import ProcTree, ProcTrees
 
 HOST = "127.0.0.1"
 DOMAIN = "bench.test"
@@ -53,6 +53,8 @@ class Options:
     popgate_users: str = "clone"  # "clone": one CLI call, hash line copied; "cli": all
     dovecot_scheme: str = "ARGON2ID"
     max_procs: int = 1200  # process/client limits of Postfix and Dovecot
+    tls_cert: Path | None = None  # one self-signed certificate + key for every server
+    tls_key: Path | None = None
 
 
 class ServerError(RuntimeError):
@@ -139,6 +141,38 @@ def run_checked(argv: list[str], what: str, timeout: float = 120.0,
     return out
 
 
+def make_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for DOMAIN, localhost and HOST, written as
+    ``cert.pem`` and ``key.pem`` (mode 0600, read by the servers as root) in `directory`;
+    every server of a run presents this one (the TLS workloads)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DOMAIN)])
+    now = datetime.datetime.now(datetime.UTC)
+    names = [x509.DNSName(DOMAIN), x509.DNSName("localhost"),
+             x509.IPAddress(ipaddress.ip_address(HOST))]
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 # --------------------------------------------------------------------------- base
 
 
@@ -146,13 +180,16 @@ class Server:
     """Common shape of a benchmarked server."""
 
     name = "server"
-    protocols: tuple[str, ...] = ()
+    protocols: tuple[str, ...] = ()  # one listening port each (and one idle run each)
+    ports_extra: tuple[str, ...] = ()  # implicit-TLS ports (only with Options.tls_cert)
+    features: frozenset[str] = frozenset()  # workloads it can run (see run.NEEDS)
     owner: tuple[int, int] | None = None  # owner of mail files, None = us
 
     def __init__(self, root: Path, options: Options) -> None:
         self.root = root
         self.options = options
-        self.ports = {proto: free_port() for proto in self.protocols}
+        extra = self.ports_extra if options.tls_cert is not None else ()
+        self.ports = {proto: free_port() for proto in self.protocols + extra}
         self.proc: subprocess.Popen | None = None
         self.log = root / f"{self.name}.log"
 
@@ -237,6 +274,8 @@ class Popgate(Server):
 
     name = "popgate"
     protocols = ("smtp", "pop3")
+    ports_extra = ("pop3s",)
+    features = frozenset({"smtp", "pop3", "pop3s", "smtptls", "smtpsource", "office"})
 
     @property
     def data_dir(self) -> Path:
@@ -301,12 +340,22 @@ class Popgate(Server):
             "max_message_size = 104857600\n"
             "[pop3]\n"
             f'listen = ["tcp:{self.ports["pop3"]}:interface={HOST}"]\n'
+            + self._tls_text() +
             "[submission]\n"
             "listen = []\n"
             "[limits]\n"
             "max_sessions = 5000\n"
             "max_sessions_per_ip = 5000\n"
         )
+
+    def _tls_text(self) -> str:
+        """The POP3S listener and [tls] (STARTTLS too); none without a certificate."""
+        if self.options.tls_cert is None:
+            return ""
+        return (f'tls_listen = ["tcp:{self.ports["pop3s"]}:interface={HOST}"]\n'
+                "[tls]\n"
+                f"certificate = {json.dumps(str(self.options.tls_cert))}\n"
+                f"key = {json.dumps(str(self.options.tls_key))}\n")
 
     def configure(self, users: list[str]) -> None:
         """Write popgate.toml and add the users."""
@@ -357,7 +406,7 @@ state_dir = {root}/state
 instance_name = {instance}
 protocols = pop3
 listen = {host}
-ssl = no
+{ssl}
 disable_plaintext_auth = no
 auth_mechanisms = plain
 log_path = {root}/dovecot.log
@@ -380,7 +429,9 @@ service pop3-login {{
     port = {port}
   }}
   inet_listener pop3s {{
-    port = 0
+    address = {host}
+    port = {pop3s}
+    ssl = yes
   }}
   # high-performance mode: a few long-lived login processes serve all clients
   service_count = 0
@@ -394,6 +445,8 @@ class Dovecot(Server):
 
     name = "dovecot"
     protocols = ("pop3",)
+    ports_extra = ("pop3s",)
+    features = frozenset({"pop3", "pop3s"})
 
     def __init__(self, root: Path, options: Options) -> None:
         super().__init__(root, options)
@@ -426,9 +479,17 @@ class Dovecot(Server):
         (self.root / "users").write_text("\n".join(lines) + "\n")
         (self.root / "dovecot.conf").write_text(DOVECOT_CONF.format(
             root=self.root, instance=f"bench-{self.root.name}", host=HOST,
-            port=self.ports["pop3"], uid=uid, gid=gid, mail_root=self.mail_root,
+            port=self.ports["pop3"], pop3s=self.ports["pop3s"], ssl=self._ssl_text(),
+            uid=uid, gid=gid, mail_root=self.mail_root,
             limit=self.options.max_procs, cores=os.cpu_count() or 1))
         self.log = self.root / "dovecot.log"
+
+    def _ssl_text(self) -> str:
+        """dovecot.conf SSL settings: the run's certificate, TLS 1.3 only."""
+        if self.options.tls_cert is None:
+            raise ServerError("dovecot needs a certificate (Options.tls_cert) for POP3S")
+        return (f"ssl = yes\nssl_cert = <{self.options.tls_cert}\n"
+                f"ssl_key = <{self.options.tls_key}\nssl_min_protocol = TLSv1.3")
 
     def start(self) -> None:
         """dovecot -F -c dovecot.conf."""
@@ -474,6 +535,14 @@ virtual_gid_maps = static:{gid}
 virtual_mailbox_limit = 0
 """
 
+# STARTTLS with the run's certificate (only when Options has one), TLS 1.3 only.
+POSTFIX_TLS = """\
+smtpd_tls_security_level = may
+smtpd_tls_chain_files = {key}, {cert}
+smtpd_tls_protocols = >=TLSv1.3
+smtpd_tls_mandatory_protocols = >=TLSv1.3
+"""
+
 # The Debian master.cf services a virtual-only instance needs, none chrooted.
 POSTFIX_MASTER = """\
 {host}:{port} inet n - n - - smtpd
@@ -495,6 +564,7 @@ virtual   unix  -       n       n       -       -       virtual
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 """
 
 
@@ -503,6 +573,7 @@ class Postfix(Server):
 
     name = "postfix"
     protocols = ("smtp",)
+    features = frozenset({"smtp", "smtptls", "smtpsource"})
 
     def __init__(self, root: Path, options: Options) -> None:
         super().__init__(root, options)
@@ -529,11 +600,17 @@ class Postfix(Server):
         self.mail_root.mkdir(parents=True, exist_ok=True)
         (self.config_dir / "main.cf").write_text(POSTFIX_MAIN.format(
             root=self.root, domain=DOMAIN, host=HOST, limit=self.options.max_procs,
-            mail_root=self.mail_root, uid=uid, gid=gid))
+            mail_root=self.mail_root, uid=uid, gid=gid) + self._tls_text())
         (self.config_dir / "master.cf").write_text(POSTFIX_MASTER.format(
             host=HOST, port=self.ports["smtp"]))
         (self.config_dir / "vmailbox").write_text("".join(
             f"{self.address(u)} {DOMAIN}/{u}/Maildir/\n" for u in users))
+
+    def _tls_text(self) -> str:
+        """main.cf lines for STARTTLS; none without a certificate in Options."""
+        if self.options.tls_cert is None:
+            return ""
+        return POSTFIX_TLS.format(cert=self.options.tls_cert, key=self.options.tls_key)
 
     def _postfix(self, command: str) -> str:
         return run_checked(["postfix", "-c", str(self.config_dir), command],
@@ -589,6 +666,7 @@ class Aiosmtpd(Server):
 
     name = "aiosmtpd"
     protocols = ("smtp",)
+    features = frozenset({"smtp", "smtpsource"})
 
     def missing(self) -> str | None:
         """The aiosmtpd package must be importable by this interpreter."""
@@ -608,6 +686,55 @@ class Aiosmtpd(Server):
                      "--domain", DOMAIN])
 
 
+# ------------------------------------------------------------ Dovecot + Postfix
+
+
+class DovecotPostfix(Server):
+    """Postfix delivering into the Maildirs that Dovecot serves: the office peer.
+
+    Both instances share one temp dir (their files do not collide: Dovecot's
+    run/, state/, users; Postfix's postfix/, queue/, data/) and so one mail root."""
+
+    name = "dovecot+postfix"
+    protocols = ()
+    features = frozenset({"office"})
+
+    def __init__(self, root: Path, options: Options) -> None:
+        super().__init__(root, options)
+        self.dovecot = Dovecot(root, options)
+        self.postfix = Postfix(root, options)
+        self.parts = (self.dovecot, self.postfix)
+        self.ports = {**self.dovecot.ports, **self.postfix.ports}
+        self.owner = mail_owner()
+
+    def missing(self) -> str | None:
+        """Both are needed."""
+        return self.dovecot.missing() or self.postfix.missing()
+
+    def configure(self, users: list[str]) -> None:
+        """Configure both for the same users."""
+        for part in self.parts:
+            part.configure(users)
+
+    def start(self) -> None:
+        """Dovecot, then Postfix (Dovecot is stopped again if Postfix fails)."""
+        self.dovecot.start()
+        try:
+            self.postfix.start()
+        except BaseException:
+            self.dovecot.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop both."""
+        for part in self.parts:
+            part.stop()
+
+    def tree(self) -> ProcTrees:
+        """Both process trees."""
+        return ProcTrees([part.tree() for part in self.parts])
+
+
 SERVERS: dict[str, type[Server]] = {
-    cls.name: cls for cls in (Popgate, Dovecot, Postfix, Aiosmtpd)
+    cls.name: cls for cls in (Popgate, Dovecot, Postfix, Aiosmtpd, DovecotPostfix)
 }
