@@ -60,6 +60,11 @@ from typing import Any
 
 from twisted.logger import Logger
 
+SECRET = "********"  # what events show instead of a password or a SASL response
+# Commands whose argument is (or holds) a secret, in POP3 and SMTP alike, and how many
+# words of the argument are kept: PASS, APOP's digest, AUTH's initial response.
+_SECRET_ARGUMENTS = {"PASS": 0, "APOP": 1, "AUTH": 1}
+
 KINDS = ("connected", "command", "reply", "tls", "login", "state", "message", "refused",
          "closed")
 
@@ -95,6 +100,21 @@ class Event:
 
 
 Observer = Callable[[Event], None]
+
+
+def redact(line: bytes | str) -> str:
+    """A command line as a ``command`` event may carry it: the secret of ``PASS``,
+    ``APOP`` and ``AUTH <mechanism>`` replaced by :data:`SECRET` (protocols call this
+    before they publish; observers call it again, in case a path forgot)."""
+    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
+    keyword, _, argument = text.partition(" ")
+    kept = _SECRET_ARGUMENTS.get(keyword.upper())
+    if kept is None or not argument:
+        return text
+    words = argument.split()
+    if len(words) <= kept:
+        return text
+    return " ".join([keyword, *words[:kept], SECRET])
 
 class EventBus:
     """Synchronous publish/subscribe, by kind."""

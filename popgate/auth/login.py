@@ -22,8 +22,7 @@ otherwise (RFC 2595 §2.3, RFC 4954 §4).
 
 Secrets: an attempt carries the credentials for the portal and a short fingerprint for
 the penalty (so that a client retrying one stale password counts once); its ``repr``
-shows neither.  :func:`redact` is the command line as every protocol publishes it (a
-password, an APOP digest, a SASL initial response replaced by :data:`SECRET`).
+shows neither (command lines are redacted by :func:`popgate.events.redact`).
 Concurrency: reactor thread; time from the injected clock.
 """
 

@@ -22,10 +22,6 @@ import binascii
 from dataclasses import dataclass
 
 MECHANISMS = ("PLAIN", "LOGIN")
-SECRET = "********"  # what a trace shows instead of a password or a SASL response
-# Commands whose argument is (or holds) a secret, in POP3 and SMTP alike, and how many
-# words of the argument a trace keeps: PASS, APOP's digest, AUTH's initial response.
-_SECRET_ARGUMENTS = {"PASS": 0, "APOP": 1, "AUTH": 1}
 
 
 class SASLError(Exception):
@@ -123,15 +119,3 @@ def exchange(mechanism: str) -> Exchange:
         raise SASLError("Unsupported authentication mechanism")
     return kind()
 
-
-def redact(line: bytes | str) -> str:
-    """A command line as a trace may show it: secrets replaced by :data:`SECRET`."""
-    text = line.decode("utf-8", "replace") if isinstance(line, bytes) else line
-    keyword, _, argument = text.partition(" ")
-    kept = _SECRET_ARGUMENTS.get(keyword.upper())
-    if kept is None or not argument:
-        return text
-    words = argument.split()
-    if len(words) <= kept:
-        return text
-    return " ".join([keyword, *words[:kept], SECRET])

@@ -19,7 +19,7 @@ response, removed at its next command or when it closes.
 
 from __future__ import annotations
 
-MASK = "********"
+from popgate.events import SECRET, redact
 
 
 class SecretMask:
@@ -33,23 +33,12 @@ class SecretMask:
             self._challenged.add(session_id)
 
     def command(self, session_id: str, line: str) -> str:
-        """``line`` with any secret in it replaced by :data:`MASK`."""
+        """``line`` with any secret in it replaced by :data:`~popgate.events.SECRET`."""
         if session_id in self._challenged:
             self._challenged.discard(session_id)
-            return line if line.strip() == "*" else MASK
-        return mask_command(line)
+            return line if line.strip() == "*" else SECRET
+        return redact(line)
 
     def closed(self, session_id: str) -> None:
         self._challenged.discard(session_id)
 
-
-def mask_command(line: str) -> str:
-    words = line.split(" ")
-    verb = words[0].upper()
-    if verb == "PASS" and len(words) > 1:
-        return f"{words[0]} {MASK}"
-    if verb == "APOP" and len(words) > 2:
-        return f"{words[0]} {words[1]} {MASK}"
-    if verb == "AUTH" and len(words) > 2:
-        return f"{words[0]} {words[1]} {MASK}"
-    return line

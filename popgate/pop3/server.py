@@ -55,9 +55,9 @@ from twisted.logger import Logger
 from popgate import __version__
 from popgate.auth import sasl
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
-from popgate.auth.sasl import SECRET, redact
 from popgate.auth.users import APOPCredentials, UsersUnavailable
 from popgate.codec import DotEncoder, header_summary
+from popgate.events import SECRET, redact
 from popgate.lineproto import LineSession, SessionFactory
 from popgate.loglimit import log_storage_error
 from popgate.pop3.realm import IMaildrop, MailboxInUse, NoSuchMessage

@@ -49,8 +49,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from popgate.addresses import AddressError, parse_path
-from popgate.auth.sasl import redact
 from popgate.codec import SUMMARY_HEAD, ChunkDecoder, DataDecoder, header_summary
+from popgate.events import redact
 from popgate.lineproto import LOCAL_PEER, LineSession, SessionFactory
 from popgate.smtp.delivery import (
     Arrival,

@@ -49,6 +49,7 @@ from twisted.internet import defer
 from popgate.auth import sasl
 from popgate.auth.account import IAccount
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
+from popgate.events import SECRET, redact
 from popgate.relay import sign
 from popgate.relay.queue import Envelope as QueuedEnvelope
 from popgate.relay.queue import Queue, QueuedRecipient
@@ -203,7 +204,7 @@ class SubmissionServer(SMTPServer):
         return keyword + "A" if self.session.user and keyword != "SMTP" else keyword
 
     def trace_line(self, text: str) -> str:
-        return sasl.redact(text)
+        return redact(text)
 
     def arrival(self) -> Arrival:
         arrival = super().arrival()
@@ -218,7 +219,7 @@ class SubmissionServer(SMTPServer):
             super()._run_command(line)
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=sasl.SECRET)
+            self.events.publish("command", self.info, line=SECRET)
         try:
             self._sasl_step(lambda exchange: exchange.step(line))
         except SMTPCommandError as e:
