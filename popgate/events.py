@@ -4,7 +4,7 @@ The protocols publish; the log lines, the protocol trace, the metrics and the la
 dashboard subscribe.  A protocol never imports an observer, and an observer never reaches
 into a protocol: this module is the whole contract between them.
 
-Every event names its :class:`SessionInfo` (id, protocol, client, listener) and has a
+Every event names its :class:`SessionInfo` (id, protocol, client) and has a
 ``kind`` and a ``data`` mapping of plain values (str, int, float, bool, None, tuples of
 those), so that an observer can turn it into a log line, JSON or a metric without knowing
 the protocol's classes.  The kinds and their data:
@@ -80,9 +80,8 @@ class SessionInfo:
     """
 
     id: str
-    protocol: str  # "SMTP", "LMTP", "POP3", later "SUBMISSION"
+    protocol: str  # "SMTP", "LMTP", "POP3", "SUBMISSION"
     client: str
-    listener: str = ""
     started: float = field(default_factory=time.time)
 
     @property

@@ -232,7 +232,7 @@ class LabBoard:
 def _new_session(event: Event) -> dict:
     info = event.session
     return {"id": info.id, "protocol": info.protocol, "client": info.client,
-            "listener": info.listener, "started": info.started, "open": True, "tls": None,
+            "started": info.started, "open": True, "tls": None,
             "user": None, "state": None, "doing": None, "targets": [],
             "logins": [], "delivered": [], "retrieved": [], "marked": {}, "removed": None,
             "refusals": [], "transcript": [], "dropped": 0, "closed": None}
