@@ -506,6 +506,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--popgate-users", choices=("clone", "cli"), default=Options.popgate_users,
                     help="clone: add one user with the CLI and copy its hash line for the "
                          "rest (fast); cli: run the CLI for every user")
+    ap.add_argument("--popgate-workers", type=int, default=Options.popgate_workers,
+                    help="popgate's [server] workers (default: one per core)")
     ap.add_argument("--dovecot-scheme", default=Options.dovecot_scheme,
                     help="Dovecot password scheme (doveadm pw -s), PLAIN for none")
     ap.add_argument("--tmpdir", default=None, help="where the per-server temp dirs go")
@@ -544,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         os.chmod(roots[0], 0o755)
         cert, key = make_certificate(roots[0])
         options = Options(args.popgate_twistd, args.popgate_cli, args.popgate_users,
-                          args.dovecot_scheme, max(1200, params.idle_conns + 200), cert, key)
+                          args.dovecot_scheme, max(1200, params.idle_conns + 200), cert, key,
+                          args.popgate_workers)
         for name in args.servers:
             log(f"[{name}] starting")
             roots.append(Path(tempfile.mkdtemp(prefix=f"popgate-bench-{name}-",

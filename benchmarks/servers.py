@@ -55,6 +55,7 @@ class Options:
     max_procs: int = 1200  # process/client limits of Postfix and Dovecot
     tls_cert: Path | None = None  # one self-signed certificate + key for every server
     tls_key: Path | None = None
+    popgate_workers: int = os.cpu_count() or 1  # [server] workers: one process per core
 
 
 class ServerError(RuntimeError):
@@ -335,6 +336,7 @@ class Popgate(Server):
             "[server]\n"
             f"data_dir = {json.dumps(str(self.data_dir))}\n"
             f'hostname = "{DOMAIN}"\n'
+            f"workers = {self.options.popgate_workers}\n"
             "[smtp]\n"
             f'listen = ["tcp:{self.ports["smtp"]}:interface={HOST}"]\n'
             "max_message_size = 104857600\n"

@@ -51,6 +51,7 @@ class ServerConfig:
     domains: tuple[str, ...] = ()  # extra local domains; every user's domain is local anyway
     postmaster: str = ""  # the user who receives postmaster@<every local domain>
     drain_timeout: float = 5.0  # on SIGTERM: seconds for commits and UPDATEs in flight
+    workers: int = 1  # processes accepting SMTP/LMTP (popgate.workers); 1 = this one only
 
 
 @dataclass(frozen=True)
@@ -238,8 +239,20 @@ def load(path: str | None = None, overrides: Mapping[str, Any] | None = None) ->
 
     ``overrides`` maps dotted keys (``"smtp.listen"``) to values, as the command line gives.
     """
-    source = path or "<defaults>"
-    raw = _read_toml(path) if path else {}
+    return _from_raw(_read_toml(path) if path else {}, path or "<defaults>", overrides)
+
+
+def loads(text: str, source: str) -> Config:
+    """Build a Config from TOML text, e.g. :func:`dump`'s (how a worker gets its parent's)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, "", f"TOML syntax error: {e}") from None
+    return _from_raw(raw, source)
+
+
+def _from_raw(raw: dict[str, Any], source: str,
+              overrides: Mapping[str, Any] | None = None) -> Config:
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         raw.setdefault(section, {})[key] = value
@@ -372,6 +385,7 @@ def _validate(config: Config) -> Config:
                           "addresses of the proxies allowed to send PROXY headers")
     _check_tls(src, tls, smtp.tls_listen or pop3.tls_listen or config.submission.tls_listen)
     _check_submission_and_relay(src, config.submission, config.relay)
+    _check_workers(src, config)
     if config.log.format not in ("text", "json"):
         raise ConfigError(src, "log.format", 'must be "text" or "json"')
     if config.web.listen and not config.web.token and not all(
@@ -452,6 +466,19 @@ def _is_loopback_name(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+MAX_WORKERS = 64
+
+
+def _check_workers(source: str, config: Config) -> None:
+    workers = config.server.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(source, "server.workers", f"must be 1 to {MAX_WORKERS}, got {workers}")
+    if workers > 1 and (config.metrics.listen or config.web.listen):
+        # The workers' sessions would be missing from both: say so rather than show less.
+        raise ConfigError(source, "server.workers", "the dashboard and the metrics see "
+                          "only the main process: use workers = 1 with [web] or [metrics]")
 
 
 def _positive_numbers(config: Config):

@@ -13,6 +13,7 @@ import contextlib
 import ipaddress
 import os
 import signal
+import socket
 import sys
 import threading
 from functools import partial
@@ -167,15 +168,41 @@ class ListenerService(Service):
         return None
 
 
-class ReadyService(Service):
-    """Log "popgate ready" once the reactor runs (signal handlers installed)."""
+class AdoptedListener(Service):
+    """Accept on a listening socket inherited from the main process (a worker's
+    :class:`ListenerService`); stop accepting on stop.  The socket stays open in the
+    main process and its other workers."""
 
-    def __init__(self, reactor):
+    def __init__(self, reactor, fd: int, factory, label: str):
         self._reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.label = label
+        self.port = None
 
     def startService(self) -> None:
         super().startService()
-        self._reactor.callWhenRunning(log.info, "popgate ready")
+        with socket.socket(fileno=os.dup(self.fd)) as probe:  # which address family
+            probe.setblocking(False)  # as adoptStreamPort requires (the main's is already)
+            self.port = self._reactor.adoptStreamPort(self.fd, probe.family, self.factory)
+        os.close(self.fd)  # adoptStreamPort made its own copy
+
+    def stopService(self):
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+class ReadyService(Service):
+    """Log "popgate ready" once the reactor runs (signal handlers installed)."""
+
+    def __init__(self, reactor, message: str = "popgate ready"):
+        self._reactor = reactor
+        self._message = message
+
+    def startService(self) -> None:
+        super().startService()
+        self._reactor.callWhenRunning(log.info, self._message)
 
 
 class StartupChecks(Service):
@@ -200,10 +227,11 @@ class StorageService(Service):
     clear stale ``tmp/`` files at start; load the users file, so that a file that breaks
     later is replaced by these users, not by nothing (see UserDB)."""
 
-    def __init__(self, config: Config, store: MaildirStore, users: UserDB):
+    def __init__(self, config: Config, store: MaildirStore, users: UserDB, sweep: bool = True):
         self.config = config
         self.store = store
         self.users = users
+        self.sweep = sweep  # False in a worker: the main process sweeps for everyone
 
     def startService(self) -> None:
         super().startService()
@@ -214,7 +242,8 @@ class StorageService(Service):
         except OSError as e:  # e.g. no inode left: start anyway, and say what it costs
             log.error("cannot mark this process's tmp/ files as its own ({error}); those "
                       "it leaves behind will be removed after 36 hours", error=e)
-        _log_swept(self.store.clean_tmp())
+        if self.sweep:
+            _log_swept(self.store.clean_tmp())
         self.users.users()
 
 
@@ -302,6 +331,7 @@ class ReloadService(Service):
         self._tls = tls
         self._users = users
         self._previous = None
+        self.also: list = []  # called after each reload (the workers get SIGHUP too)
 
     def startService(self) -> None:
         super().startService()
@@ -315,6 +345,8 @@ class ReloadService(Service):
             log.info("SIGHUP: no TLS certificate to reload")
         else:
             self._tls.reload()
+        for reload in self.also:
+            reload()
 
     def stopService(self) -> None:
         super().stopService()
@@ -337,7 +369,8 @@ def makeService(config: Config, reactor=None) -> MultiService:
     TmpSweepService(reactor, store, run_in_thread).setServiceParent(top)
     auth_threads = AuthThreadPool(reactor)
     auth_threads.setServiceParent(top)
-    ReloadService(reactor, tls, users).setServiceParent(top)
+    reload = ReloadService(reactor, tls, users)
+    reload.setServiceParent(top)
 
     listen = partial(_listen, top, reactor,
                      proxies=parse_networks(config.limits.trusted_proxies))
@@ -349,12 +382,15 @@ def makeService(config: Config, reactor=None) -> MultiService:
     deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
     DelivererService(deliverer).setServiceParent(top)
     router = Router(config, users)
-    smtp = partial(SMTPFactory, config=config, router=router,
-                   deliverer=deliverer, clock=reactor, limiter=_limiter(config, trusted),
-                   events=events, tls=tls, sessions=sessions)
-    listen("SMTP", config.smtp.listen, smtp())
-    listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
-    listen("LMTP", config.smtp.lmtp_listen, smtp(lmtp=True, limiter=_limiter(config, trusted)))
+    _smtp_listeners(listen, config, reactor, router=router, deliverer=deliverer,
+                    events=events, tls=tls, sessions=sessions, trusted=trusted)
+    if config.server.workers > 1:
+        from popgate.workers.pool import WorkerPool
+
+        pool = WorkerPool(reactor, config, [service for service in top
+                                            if isinstance(service, ListenerService)])
+        pool.setServiceParent(top)
+        reload.also.append(pool.reload)
 
     checker = PasswordChecker(users, auth_threads.run)
     portal = Portal(MaildropRealm(users, store, run_in_thread), [checker])
@@ -395,13 +431,57 @@ def makeService(config: Config, reactor=None) -> MultiService:
     return top
 
 
+def makeWorkerService(config: Config, reactor, sockets: dict[tuple[str, str], int],
+                      number: int) -> MultiService:
+    """A worker process (:mod:`popgate.workers`): SMTP and LMTP on the listening sockets
+    its main process passed it (``(label, endpoint description) -> file descriptor``),
+    with its own store owner, spare files, event bus and session log."""
+    users = UserDB(config.users_file)
+    store = MaildirStore(config.mail_root, config.hostname, config.pop3.listing_cache)
+    run_in_thread = partial(_defer_to_reactor_pool, reactor)
+    tls = _tls_creator(config, reactor)
+
+    top = MultiService()
+    StorageService(config, store, users, sweep=False).setServiceParent(top)
+    ReloadService(reactor, tls, users).setServiceParent(top)
+    events = EventBus()
+    SessionLog(reactor).subscribe(events)
+    _trace(config, events)
+    sessions = SessionRegistry(reactor)
+    deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
+    DelivererService(deliverer).setServiceParent(top)
+    adopt = partial(_adopt, top, reactor, sockets)
+    _smtp_listeners(adopt, config, reactor, router=Router(config, users), deliverer=deliverer,
+                    events=events, tls=tls, sessions=sessions,
+                    trusted=parse_networks(config.limits.trusted_networks))
+    DrainService(sessions, config.server.drain_timeout).setServiceParent(top)
+    ReadyService(reactor, f"popgate worker {number} ready").setServiceParent(top)
+    return top
+
+
+def _smtp_listeners(listen, config: Config, reactor, *, router: Router, deliverer: Deliverer,
+                    events: EventBus, tls, sessions: SessionRegistry, trusted) -> None:
+    """SMTP, SMTPS and LMTP: what the main process and every worker serve alike.
+
+    With several workers each process counts only its own sessions, so each gets its
+    share of the connection caps (rounded up): together they never allow more than
+    about the configured numbers, whichever process the kernel hands a connection to.
+    """
+    share = config.server.workers
+    smtp = partial(SMTPFactory, config=config, router=router,
+                   deliverer=deliverer, clock=reactor,
+                   limiter=_limiter(config, trusted, share), events=events, tls=tls,
+                   sessions=sessions)
+    listen("SMTP", config.smtp.listen, smtp())
+    listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
+    listen("LMTP", config.smtp.lmtp_listen,
+           smtp(lmtp=True, limiter=_limiter(config, trusted, share)))
+
+
 def _observe(top: MultiService, config: Config, events: EventBus, store: MaildirStore,
              reactor, users: UserDB, auth_threads: AuthThreadPool) -> None:
     """The observers of the session events, and the metrics and dashboard listeners."""
-    if config.log.trace:
-        from popgate.observe.trace import ProtocolTrace
-
-        ProtocolTrace().subscribe(events)
+    _trace(config, events)
     if not (config.metrics.listen or config.web.listen):
         return
     from twisted.web.resource import Resource
@@ -430,6 +510,13 @@ def _observe(top: MultiService, config: Config, events: EventBus, store: Maildir
         site = build_site(board, reactor, config.web.token, metrics_page)
         for description in config.web.listen:
             ListenerService(reactor, description, site, "web").setServiceParent(top)
+
+
+def _trace(config: Config, events: EventBus) -> None:
+    if config.log.trace:
+        from popgate.observe.trace import ProtocolTrace
+
+        ProtocolTrace().subscribe(events)
 
 
 def _queue_runner(config: Config, reactor, queue: Queue, run_in_thread, deliverer: Deliverer,
@@ -508,9 +595,11 @@ def _defer_to_reactor_pool(reactor, f, *args, **kwargs):
     return threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args, **kwargs)
 
 
-def _limiter(config: Config, trusted) -> ConnectionLimiter:
-    return ConnectionLimiter(config.limits.max_sessions, config.limits.max_sessions_per_ip,
-                             trusted)
+def _limiter(config: Config, trusted, share: int = 1) -> ConnectionLimiter:
+    """The connection caps, or one process's ``1/share`` of them (rounded up)."""
+    limits = config.limits
+    return ConnectionLimiter(-(-limits.max_sessions // share),
+                             -(-limits.max_sessions_per_ip // share), trusted)
 
 
 def _tls_creator(config: Config, reactor):
@@ -538,3 +627,12 @@ def _listen(parent: MultiService, reactor, label: str, descriptions, factory, *,
         else:
             listener_factory = factory
         ListenerService(reactor, description, listener_factory, label).setServiceParent(parent)
+
+
+def _adopt(parent: MultiService, reactor, sockets: dict[tuple[str, str], int], label: str,
+           descriptions, factory) -> None:
+    """A worker's ``listen``: serve the sockets its main process passed for ``label``."""
+    for description in descriptions:
+        fd = sockets.get((label, description))
+        if fd is not None:
+            AdoptedListener(reactor, fd, factory, label).setServiceParent(parent)

@@ -118,6 +118,32 @@ class PrecedenceTests(TestCase):
         again = config.load(self.write(config.dump(c)))
         self.assertEqual(dataclasses.replace(again, source=c.source), c)
 
+    def test_loads_takes_what_dump_gives(self):
+        """How a worker process gets its main process's configuration."""
+        c = config.load(self.write('[server]\nworkers = 3\n[aliases]\n'
+                                   '"info@example.org" = "alice@example.org"\n'))
+        again = config.loads(config.dump(c), "worker 1")
+        self.assertEqual(dataclasses.replace(again, source=c.source), c)
+        self.assertEqual(again.source, "worker 1")
+        e = self.assertRaises(config.ConfigError, config.loads, "[server", "worker 1")
+        self.assertTrue(str(e).startswith("worker 1: TOML syntax error"), str(e))
+
+    def test_workers(self):
+        self.assertEqual(config.load(None).server.workers, 1)
+        self.assertEqual(config.load(None, {"server.workers": 2}).server.workers, 2)
+        busy = ("server.workers: the dashboard and the metrics see only the main process: "
+                "use workers = 1 with [web] or [metrics]")
+        loopback = ["tcp:0:interface=127.0.0.1"]
+        cases = [
+            ({"server.workers": 0}, "server.workers: must be 1 to 64, got 0"),
+            ({"server.workers": 65}, "server.workers: must be 1 to 64, got 65"),
+            ({"server.workers": 2, "web.listen": loopback}, busy),
+            ({"server.workers": 2, "metrics.listen": loopback}, busy),
+        ]
+        for overrides, message in cases:
+            e = self.assertRaises(config.ConfigError, config.load, None, overrides)
+            self.assertEqual(str(e), "<defaults>: " + message)
+
     def test_certificate_paths_checked_and_made_absolute(self):
         ca, chain, key = make_test_pki(self.mktemp())
         c = config.load(self.write(f'[tls]\ncertificate = "{chain}"\nkey = "{key}"\n'))

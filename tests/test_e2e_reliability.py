@@ -25,6 +25,7 @@ import hashlib
 import os
 import poplib
 import random
+import re
 import shutil
 import signal
 import smtplib
@@ -123,13 +124,14 @@ def smtp_load(port: int, ledger: Ledger, stop: threading.Event, seed: int) -> No
                 client.close()
 
 
-class CrashTests(TestCase):
+class CrashHarness:
     """``kill -9`` tests what a crashed process leaves behind; the page cache outlives
     it.  So the data directory is on a tmpfs (``/dev/shm``) when there is one: fsync
     costs nothing there, and the load does not slow the disk the suite's timing tests
     share (trial -j2)."""
 
     timeout = 120
+    workers = 1
 
     def setUp(self):
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -139,9 +141,13 @@ class CrashTests(TestCase):
 
     @defer.inlineCallbacks
     def start(self, users=USERS):
-        server = yield start_twistd(self, settings={"server": {"data_dir": self.data_dir}},
-                                    users=users)
-        in_background(server.pid)
+        settings = {"server": {"data_dir": self.data_dir, "workers": self.workers}}
+        server = yield start_twistd(self, settings=settings, users=users)
+        while server.log.count(b" ready") < self.workers:  # "popgate worker N ready"
+            yield deferLater(reactor, 0.05, lambda: None)
+        for pid in [server.pid, *map(int, re.findall(rb"started \(pid (\d+)\)",
+                                                     server.log))]:
+            in_background(pid)
         return server
 
     @defer.inlineCallbacks
@@ -180,7 +186,7 @@ class CrashTests(TestCase):
         return len(stored)
 
     @defer.inlineCallbacks
-    def test_kill_9_under_smtp_load(self):
+    def kill_9_under_smtp_load(self):
         rng = random.Random()
         ledger = Ledger()
         server = yield self.start()
@@ -198,11 +204,18 @@ class CrashTests(TestCase):
             server = yield self.start(users=())
             self.assertEqual(tmp_files(data_dir), [], "stale tmp/ files after the restart")
             self.assertEqual(len(os.listdir(os.path.join(data_dir, "mail",
-                                                         ".popgate-owners"))), 1)
+                                                         ".popgate-owners"))), self.workers)
             self.check_ledger(server, ledger)
         self.assertGreater(len(ledger.acknowledged), ROUNDS * CONNECTIONS)
         self.assertTrue(any(left_behind), "no kill left a tmp/ file: the test tests nothing")
         self.assertNotIn("Traceback", log_text(server))
+        return server
+
+
+
+class CrashTests(CrashHarness, TestCase):
+    def test_kill_9_under_smtp_load(self):
+        return self.kill_9_under_smtp_load()
 
     @defer.inlineCallbacks
     def test_kill_9_during_pop3_update(self):
@@ -258,6 +271,23 @@ class CrashTests(TestCase):
         # A deleted message is either gone or still whole (the UPDATE did not finish):
         # never listed but unreadable (RETR above read every listed message).
         self.assertLessEqual(set(listed), kept | deleted)
+
+
+class WorkerCrashTests(CrashHarness, TestCase):
+    """The same with ``[server] workers = 2``: the main process and its worker both take
+    connections; ``kill -9`` of the main process takes the worker with it
+    (``PR_SET_PDEATHSIG``), and what either acknowledged survives."""
+
+    workers = 2
+
+    @defer.inlineCallbacks
+    def test_kill_9_under_smtp_load(self):
+        server = yield self.kill_9_under_smtp_load()
+        writers = {re.search(r"P(\d+)Q", os.path.basename(path)).group(1)
+                   for user, _ in USERS for path in server.messages(user)}
+        # ROUNDS + 1 starts of the main process: more writers than that means workers
+        # delivered too.
+        self.assertGreater(len(writers), ROUNDS + 1, "only the main processes delivered")
 
 
 class DiskFullTests(TestCase):

@@ -75,7 +75,8 @@ class LayerRuleTests(TestCase):
     def test_nothing_below_the_wiring_point_imports_an_observer(self):
         """Rule 4 for every module, not only the protocols: only service.py (and tap.py,
         for the JSON log) reach observe/ and web/, which reach each other."""
-        above = ("popgate/service.py", "popgate/tap.py", "popgate/observe/", "popgate/web/")
+        above = ("popgate/service.py", "popgate/tap.py", "popgate/workers/__main__.py",
+                 "popgate/observe/", "popgate/web/")
         found = [f"{module} imports {name}" for module, names in sorted(modules("").items())
                  if not module.startswith(above) for name in sorted(names)
                  if name.startswith(("popgate.observe", "popgate.web", "popgate.service"))]
@@ -96,11 +97,18 @@ class LayerRuleTests(TestCase):
             self.assertEqual(offending(layer, ("popgate.smtp", "popgate.pop3",
                                                "popgate.service")), [], layer)
 
-    def test_only_the_wiring_point_and_the_command_line_import_the_service(self):
+    def test_only_the_entry_points_import_the_service(self):
+        """twistd's (tap.py) and a worker process's (popgate.workers.__main__)."""
         importers = [module for module, names in modules("").items()
                      if "popgate.service" in names or any(n.startswith("popgate.service.")
                                                           for n in names)]
-        self.assertEqual(sorted(importers), ["popgate/tap.py"])
+        self.assertEqual(sorted(importers), ["popgate/tap.py", "popgate/workers/__main__.py"])
+
+    def test_the_worker_pool_knows_no_protocol(self):
+        """It passes sockets, configuration and log lines; the wiring is service.py's."""
+        self.assertEqual(offending("workers/pool", (
+            "popgate.smtp", "popgate.pop3", "popgate.auth", "popgate.store", "popgate.relay",
+            "popgate.lineproto", "popgate.service")), [])
 
     def test_the_plugin_only_declares(self):
         plugin = ROOT / "twisted" / "plugins" / "popgate_plugin.py"
