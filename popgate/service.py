@@ -47,6 +47,7 @@ from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, describ
 from popgate.smtp.server import SMTPFactory
 from popgate.smtp.submission import SendingLimit, SubmissionFactory
 from popgate.store.maildir import MaildirStore
+from popgate.workers.pool import WorkerPool, accept_one_at_a_time
 
 log = Logger()
 
@@ -186,6 +187,7 @@ class AdoptedListener(Service):
             probe.setblocking(False)  # as adoptStreamPort requires (the main's is already)
             self.port = self._reactor.adoptStreamPort(self.fd, probe.family, self.factory)
         os.close(self.fd)  # adoptStreamPort made its own copy
+        accept_one_at_a_time(self.port)
 
     def stopService(self):
         super().stopService()
@@ -385,8 +387,6 @@ def makeService(config: Config, reactor=None) -> MultiService:
     _smtp_listeners(listen, config, reactor, router=router, deliverer=deliverer,
                     events=events, tls=tls, sessions=sessions, trusted=trusted)
     if config.server.workers > 1:
-        from popgate.workers.pool import WorkerPool
-
         pool = WorkerPool(reactor, config, [service for service in top
                                             if isinstance(service, ListenerService)])
         pool.setServiceParent(top)

@@ -2,10 +2,12 @@
 it inherited, the shares of the connection caps, and its log lines in the main log.
 The processes themselves are tested end to end in test_e2e_workers."""
 
+import dataclasses
 import os
 import socket
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
+from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
 from twisted.trial import unittest
 
@@ -13,7 +15,12 @@ from popgate import config as configuration
 from popgate.auth.users import UserFile, hash_password
 from popgate.limits import parse_networks
 from popgate.service import AdoptedListener, ListenerService, _limiter, makeWorkerService
-from popgate.workers.pool import WorkerProtocol, shared_listeners, worker_arguments
+from popgate.workers.pool import (
+    WorkerProtocol,
+    accept_one_at_a_time,
+    shared_listeners,
+    worker_arguments,
+)
 
 
 def smtp_exchange(port: int) -> list[bytes]:
@@ -77,8 +84,6 @@ class WorkerServiceTests(unittest.TestCase):
 
 class SharedSocketTests(unittest.TestCase):
     def test_only_smtp_family_listeners_without_proxy_headers(self):
-        from twisted.internet import protocol
-
         services = []
         for label, description in [("SMTP", "tcp:0:interface=127.0.0.1"),
                                    ("LMTP", "tcp:0:interface=127.0.0.1"),
@@ -100,6 +105,43 @@ class SharedSocketTests(unittest.TestCase):
                                     "--socket", "4:LMTP:tcp:0:interface=127.0.0.1"])
 
 
+class Held(protocol.Protocol):
+    def __init__(self):
+        self.lost = defer.Deferred()
+
+    def connectionLost(self, reason):
+        self.lost.callback(None)
+
+
+class AcceptTests(unittest.TestCase):
+    def test_a_shared_port_accepts_one_connection_per_wake_up(self):
+        """So that the other processes woken for the same connections get some."""
+        held: list[Held] = []
+
+        class Counting(protocol.Factory):
+            def buildProtocol(self, addr):
+                held.append(Held())
+                return held[-1]
+
+        service = ListenerService(reactor, "tcp:0:interface=127.0.0.1", Counting(), "SMTP")
+        service.startService()
+        port = service.port
+        port.stopReading()  # the test, not the reactor, says when to accept
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port))
+                   for _ in range(3)]
+        accept_one_at_a_time(port)
+        port.doRead()
+        self.assertEqual(len(held), 1)
+        port.doRead()
+        port.doRead()
+        self.assertEqual(len(held), 3)
+        for client in clients:
+            client.close()
+        for server in held:
+            server.transport.abortConnection()
+        return defer.gatherResults([h.lost for h in held] + [service.stopService()])
+
+
 class LogRelayTests(unittest.TestCase):
     def test_worker_events_reach_the_main_log_as_they_were(self):
         event = {"log_format": "SMTP [{session}] {peer} closed (quit)", "session": "AB12",
@@ -116,3 +158,123 @@ class LogRelayTests(unittest.TestCase):
         self.assertEqual(events[0]["log_namespace"], "popgate.session")
         self.assertEqual(events[0]["log_level"], LogLevel.info)
         self.assertEqual(events[0]["log_time"], 1e9)
+
+
+class FakeProcess:
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.written = b""
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class SpawningClock(Clock):
+    """A clock whose spawnProcess records the child and connects its protocol."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned: list[tuple[object, FakeProcess, list[str], dict]] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, childFDs=None):
+        process = FakeProcess(1000 + len(self.spawned))
+        proto.makeConnection(process)
+        self.spawned.append((proto, process, args, childFDs))
+        return process
+
+
+class FakeListener:
+    def __init__(self, label: str, description: str, fd: int):
+        self.label, self.description = label, description
+        self.port = FakePort(fd)
+
+
+class FakePort:
+    def __init__(self, fd: int):
+        self._fd = fd
+        self.numberAccepts = 100
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> None:
+        pass
+
+
+def ended(signal_number=None, status=0):
+    from twisted.internet import error
+    from twisted.python.failure import Failure
+
+    if signal_number or status:
+        return Failure(error.ProcessTerminated(status or None, signal_number))
+    return Failure(error.ProcessDone(0))
+
+
+class WorkerPoolTests(unittest.TestCase):
+    def pool(self, workers=3, drain_timeout=5.0):
+        from popgate.workers.pool import WorkerPool
+
+        clock = SpawningClock()
+        config = configuration.load(None, {"server.workers": workers,
+                                           "server.drain_timeout": drain_timeout})
+        listeners = [FakeListener("SMTP", "tcp:25", 7), FakeListener("POP3", "tcp:110", 8)]
+        pool = WorkerPool(clock, config, listeners)
+        with capturedLogs() as events:
+            pool.startService()
+        return clock, pool, config, events
+
+    def test_starts_the_workers_with_the_sockets_and_the_configuration(self):
+        clock, pool, config, events = self.pool(workers=3)
+        self.assertEqual(len(clock.spawned), 2)
+        for number, (_, process, args, fds) in enumerate(clock.spawned, 1):
+            self.assertEqual(args[1:7], ["-m", "popgate.workers", "--number", str(number),
+                                         "--parent", str(os.getpid())])
+            self.assertEqual(args[7:], ["--socket", "3:SMTP:tcp:25"], "POP3 stays here")
+            self.assertEqual(fds, {0: "w", 1: "r", 2: 2, 3: 7})
+            self.assertEqual(configuration.loads(process.written.decode(), "w"),
+                             dataclasses.replace(config, source="w"))
+            self.assertTrue(process.stdin_closed)
+        self.assertEqual([formatEvent(e) for e in events],
+                         ["popgate worker 1 started (pid 1000)",
+                          "popgate worker 2 started (pid 1001)"])
+
+    def test_a_worker_that_ends_is_started_again_later_and_later(self):
+        clock, pool, _, _ = self.pool(workers=2)
+        lines = []
+        with capturedLogs() as events:
+            for _ in range(3):  # each fails at once: 1 s, 2 s, 4 s
+                proto = clock.spawned[-1][0]
+                proto.processEnded(ended(status=1))
+                delay = clock.getDelayedCalls()[0].getTime() - clock.seconds()
+                clock.advance(delay)
+                lines.append(delay)
+            clock.advance(60)  # this one ran for a minute: back to 1 s
+            clock.spawned[-1][0].processEnded(ended(signal_number=9))
+            lines.append(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        self.assertEqual(lines, [1.0, 2.0, 4.0, 1.0])
+        texts = [formatEvent(e) for e in events]
+        self.assertIn("popgate worker 1 ended (exit status 1); another starts in 2 s", texts)
+        self.assertIn("popgate worker 1 ended (signal 9); another starts in 1 s", texts)
+
+    def test_reload_and_stop_signal_every_worker(self):
+        clock, pool, _, _ = self.pool(workers=3, drain_timeout=2.0)
+        processes = [process for _, process, _, _ in clock.spawned]
+        pool.reload()
+        done = pool.stopService()
+        self.assertEqual([p.signals for p in processes], [["HUP", "TERM"]] * 2)
+        clock.spawned[0][0].processEnded(ended(status=0))
+        self.assertNoResult(done)
+        clock.advance(7)  # the drain timeout and 5 s: the last one is killed
+        self.assertEqual(processes[1].signals, ["HUP", "TERM", "KILL"])
+        clock.spawned[1][0].processEnded(ended(signal_number=9))
+        self.successResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [], "no restart while stopping")
+        self.assertEqual(len(clock.spawned), 2)
