@@ -507,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="clone: add one user with the CLI and copy its hash line for the "
                          "rest (fast); cli: run the CLI for every user")
     ap.add_argument("--popgate-workers", type=int, default=Options.popgate_workers,
-                    help="popgate's [server] workers (default: one per core)")
+                    help="popgate's [server] workers (default 1)")
     ap.add_argument("--dovecot-scheme", default=Options.dovecot_scheme,
                     help="Dovecot password scheme (doveadm pw -s), PLAIN for none")
     ap.add_argument("--tmpdir", default=None, help="where the per-server temp dirs go")
