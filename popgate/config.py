@@ -469,16 +469,30 @@ def _is_loopback_name(host: str) -> bool:
 
 
 MAX_WORKERS = 64
+SHAREABLE_ENDPOINTS = ("tcp", "tcp6", "unix", "systemd")
 
 
 def _check_workers(source: str, config: Config) -> None:
     workers = config.server.workers
     if not 1 <= workers <= MAX_WORKERS:
         raise ConfigError(source, "server.workers", f"must be 1 to {MAX_WORKERS}, got {workers}")
-    if workers > 1 and (config.metrics.listen or config.web.listen):
+    if workers == 1:
+        return
+    if config.metrics.listen or config.web.listen:
         # The workers' sessions would be missing from both: say so rather than show less.
         raise ConfigError(source, "server.workers", "the dashboard and the metrics see "
                           "only the main process: use workers = 1 with [web] or [metrics]")
+    smtp = config.smtp
+    shared = (*smtp.listen, *smtp.tls_listen, *smtp.lmtp_listen)
+    if not shared:
+        raise ConfigError(source, "server.workers", "no SMTP, SMTPS or LMTP listener for "
+                          "the workers to share")
+    for description in shared:
+        # Wrapping endpoints (haproxy:, ssl:) would reach a worker as a bare socket.
+        if description.split(":", 1)[0] not in SHAREABLE_ENDPOINTS:
+            raise ConfigError(source, "server.workers", f"workers share only "
+                              f"{', '.join(SHAREABLE_ENDPOINTS)} listeners, not "
+                              f"{description!r}")
 
 
 def _positive_numbers(config: Config):
@@ -568,6 +582,15 @@ def toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{escaped}"'
+    return '"' + "".join(_toml_char(c) for c in str(value)) + '"'
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and control characters
+    escaped (TOML allows none of them bare), so that :func:`loads` reads back the value."""
+    if c in '"\\':
+        return "\\" + c
+    if c < " " or c == "\x7f":
+        return f"\\u{ord(c):04x}"
+    return c
 

@@ -13,7 +13,6 @@ import contextlib
 import ipaddress
 import os
 import signal
-import socket
 import sys
 import threading
 from functools import partial
@@ -47,7 +46,8 @@ from popgate.smtp.delivery import Arrival, Deliverer, Recipient, Router, describ
 from popgate.smtp.server import SMTPFactory
 from popgate.smtp.submission import SendingLimit, SubmissionFactory
 from popgate.store.maildir import MaildirStore
-from popgate.workers.pool import WorkerPool, accept_one_at_a_time
+from popgate.workers.pool import WorkerPool
+from popgate.workers.sockets import AdoptedListener
 
 log = Logger()
 
@@ -167,32 +167,6 @@ class ListenerService(Service):
             port, self.port = self.port, None
             return port.stopListening()
         return None
-
-
-class AdoptedListener(Service):
-    """Accept on a listening socket inherited from the main process (a worker's
-    :class:`ListenerService`); stop accepting on stop.  The socket stays open in the
-    main process and its other workers."""
-
-    def __init__(self, reactor, fd: int, factory, label: str):
-        self._reactor = reactor
-        self.fd = fd
-        self.factory = factory
-        self.label = label
-        self.port = None
-
-    def startService(self) -> None:
-        super().startService()
-        with socket.socket(fileno=os.dup(self.fd)) as probe:  # which address family
-            probe.setblocking(False)  # as adoptStreamPort requires (the main's is already)
-            self.port = self._reactor.adoptStreamPort(self.fd, probe.family, self.factory)
-        os.close(self.fd)  # adoptStreamPort made its own copy
-        accept_one_at_a_time(self.port)
-
-    def stopService(self):
-        super().stopService()
-        port, self.port = self.port, None
-        return port.stopListening() if port is not None else None
 
 
 class ReadyService(Service):

@@ -121,7 +121,8 @@ class PrecedenceTests(TestCase):
     def test_loads_takes_what_dump_gives(self):
         """How a worker process gets its main process's configuration."""
         c = config.load(self.write('[server]\nworkers = 3\n[aliases]\n'
-                                   '"info@example.org" = "alice@example.org"\n'))
+                                   '"info@example.org" = "alice@example.org"\n'),
+                        {"server.hostname": 'odd "host"\\\x7f\t\n'})
         again = config.loads(config.dump(c), "worker 1")
         self.assertEqual(dataclasses.replace(again, source=c.source), c)
         self.assertEqual(again.source, "worker 1")
@@ -139,6 +140,12 @@ class PrecedenceTests(TestCase):
             ({"server.workers": 65}, "server.workers: must be 1 to 64, got 65"),
             ({"server.workers": 2, "web.listen": loopback}, busy),
             ({"server.workers": 2, "metrics.listen": loopback}, busy),
+            ({"server.workers": 2, "smtp.listen": [], "smtp.lmtp_listen": []},
+             "server.workers: no SMTP, SMTPS or LMTP listener for the workers to share"),
+            ({"server.workers": 2, "smtp.listen": ["haproxy:tcp:25"],
+              "limits.trusted_proxies": ["127.0.0.1"]},
+             "server.workers: workers share only tcp, tcp6, unix, systemd listeners, not "
+             "'haproxy:tcp:25'"),
         ]
         for overrides, message in cases:
             e = self.assertRaises(config.ConfigError, config.load, None, overrides)

@@ -18,7 +18,7 @@ import time
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.harness import deferred_sleep, start_twistd
+from tests.harness import deferred_sleep, short_directory, start_twistd
 
 USER = ("alice@example.org", "pw")
 SETTINGS = {"server": {"workers": 2}}
@@ -31,6 +31,11 @@ def send_many(port: int, count: int) -> None:
         with smtplib.SMTP("127.0.0.1", port, timeout=20) as client:
             client.sendmail("load@remote.example", [USER[0]],
                             f"Subject: {n}\r\n\r\nmessage {n}\r\n".encode())
+
+
+def send_lmtp(path: str) -> None:
+    with smtplib.LMTP(path, timeout=20) as client:
+        client.sendmail("load@remote.example", [USER[0]], b"Subject: lmtp\r\n\r\nhi\r\n")
 
 
 def alive(pid: int) -> bool:
@@ -95,6 +100,18 @@ class WorkerTests(TestCase):
         self.assertTrue(alive(replacement))
         yield threads.deferToThread(send_many, server.port("SMTP"), 20)
         self.assertEqual(len(server.messages(USER[0])), 20)
+
+    @defer.inlineCallbacks
+    def test_a_worker_stopping_leaves_the_lmtp_socket_to_the_main_process(self):
+        path = os.path.join(short_directory(self), "lmtp")
+        server = yield start_twistd(self, users=[USER], settings={
+            "server": {"workers": 2}, "smtp": {"lmtp_listen": [f"unix:{path}"]}})
+        yield self.worker_ready(server, 1)
+        os.kill(self.worker_pid(server), signal.SIGTERM)
+        yield self.worker_ready(server, 2)
+        self.assertIn(b"popgate worker 1 ended (exit status 0)", server.log)
+        yield threads.deferToThread(send_lmtp, path)
+        self.assertEqual(len(server.messages(USER[0])), 1)
 
     @defer.inlineCallbacks
     def test_sighup_reaches_the_worker(self):

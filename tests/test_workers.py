@@ -3,24 +3,24 @@ it inherited, the shares of the connection caps, and its log lines in the main l
 The processes themselves are tested end to end in test_e2e_workers."""
 
 import dataclasses
+import io
 import os
 import socket
 
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, capturedLogs, eventAsJSON, formatEvent
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from popgate import config as configuration
 from popgate.auth.users import UserFile, hash_password
 from popgate.limits import parse_networks
-from popgate.service import AdoptedListener, ListenerService, _limiter, makeWorkerService
-from popgate.workers.pool import (
-    WorkerProtocol,
-    accept_one_at_a_time,
-    shared_listeners,
-    worker_arguments,
-)
+from popgate.service import ListenerService, _limiter, makeWorkerService
+from popgate.workers.logpipe import MAX_LINE, LinePublisher, json_lines_observer
+from popgate.workers.pool import shared_listeners, worker_arguments
+from popgate.workers.sockets import AdoptedListener, accept_one_at_a_time
+from tests.harness import short_directory
 
 
 def smtp_exchange(port: int) -> list[bytes]:
@@ -56,8 +56,10 @@ class WorkerServiceTests(unittest.TestCase):
         description = "tcp:0:interface=127.0.0.1"
         config = self.config(**{"server.workers": 2, "smtp.listen": [description]})
         # A socket for a listener the configuration does not have is not served.
+        unconfigured = os.dup(listening.fileno())
+        self.addCleanup(os.close, unconfigured)  # the worker's main closes those
         sockets = {("SMTP", description): os.dup(listening.fileno()),
-                   ("LMTP", "unix:/never/configured"): os.dup(listening.fileno())}
+                   ("LMTP", "unix:/never/configured"): unconfigured}
         service = makeWorkerService(config, reactor, sockets, 1)
         with capturedLogs() as events:
             service.startService()
@@ -83,7 +85,7 @@ class WorkerServiceTests(unittest.TestCase):
 
 
 class SharedSocketTests(unittest.TestCase):
-    def test_only_smtp_family_listeners_without_proxy_headers(self):
+    def test_only_smtp_and_lmtp_listeners(self):
         services = []
         for label, description in [("SMTP", "tcp:0:interface=127.0.0.1"),
                                    ("LMTP", "tcp:0:interface=127.0.0.1"),
@@ -93,10 +95,7 @@ class SharedSocketTests(unittest.TestCase):
             service.startService()
             self.addCleanup(service.stopService)
             services.append(service)
-        proxied = ListenerService(reactor, "haproxy:tcp:0:interface=127.0.0.1",
-                                  protocol.Factory(), "SMTP")
-        proxied.port = services[0].port  # never bound: only its description matters
-        shared = shared_listeners([*services, proxied])
+        shared = shared_listeners(services)
         self.assertEqual([s.label for s in shared], ["SMTP", "LMTP"])
         args = worker_arguments(1, 4242, shared)
         self.assertEqual(args[1:], ["-m", "popgate.workers", "--number", "1",
@@ -111,6 +110,41 @@ class Held(protocol.Protocol):
 
     def connectionLost(self, reason):
         self.lost.callback(None)
+
+
+class Hello(protocol.Protocol):
+    def connectionMade(self):
+        self.transport.write(b"hello\r\n")
+        self.transport.loseConnection()
+
+
+def unix_greeting(path: str) -> bytes:
+    with socket.socket(socket.AF_UNIX) as client:
+        client.settimeout(10)
+        client.connect(path)
+        return client.makefile("rb").readline()
+
+
+class SharedUNIXSocketTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_a_worker_leaves_the_socket_its_file_and_mode_alone(self):
+        """The main process owns them: a worker must not reset the file's mode to
+        Twisted's default 0666, and stopping must neither shut the socket down (every
+        process would stop accepting) nor remove the file (LMTP clients: ENOENT)."""
+        path = os.path.join(short_directory(self), "lmtp")  # AF_UNIX paths are short
+        main = ListenerService(reactor, f"unix:{path}:mode=660",
+                               protocol.Factory.forProtocol(Hello), "LMTP")
+        main.startService()
+        self.addCleanup(main.stopService)
+        worker = AdoptedListener(reactor, os.dup(main.port.fileno()),
+                                 protocol.Factory.forProtocol(Hello), "LMTP")
+        worker.startService()
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        yield threads.deferToThread(unix_greeting, path)  # accepted by one of the two
+        yield worker.stopService()
+        self.assertTrue(os.path.exists(path), "the worker removed the main's socket file")
+        accepted = threads.deferToThread(unix_greeting, path)
+        self.assertEqual((yield accepted), b"hello\r\n", "the main process still accepts")
 
 
 class AcceptTests(unittest.TestCase):
@@ -143,21 +177,47 @@ class AcceptTests(unittest.TestCase):
 
 
 class LogRelayTests(unittest.TestCase):
+    def lines(self, *chunks: bytes) -> list[str]:
+        publisher = LinePublisher(1)
+        with capturedLogs() as events:
+            for chunk in chunks:
+                publisher.feed(chunk)
+        self.events = events
+        return [formatEvent(e) for e in events]
+
     def test_worker_events_reach_the_main_log_as_they_were(self):
         event = {"log_format": "SMTP [{session}] {peer} closed (quit)", "session": "AB12",
                  "peer": "192.0.2.1:4000", "log_namespace": "popgate.session",
                  "log_level": LogLevel.info, "log_time": 1e9}
         line = eventAsJSON(event).encode() + b"\n"
-        worker = WorkerProtocol(pool=None, number=1)
-        with capturedLogs() as events:
-            worker.childDataReceived(1, line[:20])  # in pieces, as a pipe delivers
-            worker.childDataReceived(1, line[20:] + b"not json\n")
-        self.assertEqual([formatEvent(e) for e in events],
+        # In pieces, as a pipe delivers them; lines that are not events are kept as text.
+        self.assertEqual(self.lines(line[:20], line[20:] + b"not json\n1\nnull\n"),
                          ["SMTP [AB12] 192.0.2.1:4000 closed (quit)",
-                          "worker 1: not json"])
-        self.assertEqual(events[0]["log_namespace"], "popgate.session")
-        self.assertEqual(events[0]["log_level"], LogLevel.info)
-        self.assertEqual(events[0]["log_time"], 1e9)
+                          "popgate worker 1: not json", "popgate worker 1: 1",
+                          "popgate worker 1: null"])
+        self.assertEqual(self.events[0]["log_namespace"], "popgate.session")
+        self.assertEqual(self.events[0]["log_level"], LogLevel.info)
+        self.assertEqual(self.events[0]["log_time"], 1e9)
+
+    def test_a_line_too_long_is_dropped_whole(self):
+        ok = eventAsJSON({"log_format": "after", "log_level": LogLevel.info,
+                          "log_time": 1e9}).encode()
+        huge = b"x" * (MAX_LINE + 1)
+        self.assertEqual(self.lines(huge, b"y" * 10, b"rest of it\n" + ok + b"\n"),
+                         [f"popgate worker 1: a log line over {MAX_LINE} octets was dropped",
+                          "after"])
+
+    def test_a_failure_arrives_with_its_traceback(self):
+        written = io.StringIO()
+        observe = json_lines_observer(written)
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            observe({"log_format": "commit of {id} failed", "id": "Q1", "log_time": 1e9,
+                     "log_level": LogLevel.critical, "log_failure": Failure()})
+        text = self.lines(written.getvalue().encode())[0]
+        self.assertTrue(text.startswith("commit of Q1 failed\nTraceback"), text)
+        self.assertIn("ZeroDivisionError: division by zero", text)
 
 
 class FakeProcess:
@@ -224,7 +284,8 @@ class WorkerPoolTests(unittest.TestCase):
 
         clock = SpawningClock()
         config = configuration.load(None, {"server.workers": workers,
-                                           "server.drain_timeout": drain_timeout})
+                                           "server.drain_timeout": drain_timeout,
+                                           "web.token": "s3cret-token"})
         listeners = [FakeListener("SMTP", "tcp:25", 7), FakeListener("POP3", "tcp:110", 8)]
         pool = WorkerPool(clock, config, listeners)
         with capturedLogs() as events:
@@ -240,7 +301,9 @@ class WorkerPoolTests(unittest.TestCase):
             self.assertEqual(args[7:], ["--socket", "3:SMTP:tcp:25"], "POP3 stays here")
             self.assertEqual(fds, {0: "w", 1: "r", 2: 2, 3: 7})
             self.assertEqual(configuration.loads(process.written.decode(), "w"),
-                             dataclasses.replace(config, source="w"))
+                             dataclasses.replace(config, source="w",
+                                                 web=configuration.WebConfig()))
+            self.assertNotIn(b"s3cret-token", process.written, "workers serve no dashboard")
             self.assertTrue(process.stdin_closed)
         self.assertEqual([formatEvent(e) for e in events],
                          ["popgate worker 1 started (pid 1000)",

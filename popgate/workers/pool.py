@@ -1,25 +1,27 @@
 """The main process's side of :mod:`popgate.workers`: start, watch, relay, stop.
 
 Reactor thread only.  Bounds: one pipe per worker for its log lines, read as it comes
-(a line longer than 1 MiB is cut: a worker's log lines are short).
+(:mod:`popgate.workers.logpipe`); a worker blocks on a full pipe rather than lose a line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger
 
-from popgate.config import Config, dump
+from popgate.config import Config, WebConfig, dump
+from popgate.workers.logpipe import LinePublisher
+from popgate.workers.sockets import accept_one_at_a_time
 
 log = Logger()
 
 SHARED_LABELS = ("SMTP", "SMTPS", "LMTP")
-MAX_LINE = 1 << 20
 FIRST_FD = 3  # the worker's inherited listening sockets start here
 RESTART_DELAY = 1.0
 MAX_RESTART_DELAY = 60.0
@@ -28,28 +30,10 @@ KILL_AFTER = 5.0  # seconds past the drain timeout before a stopping worker is k
 
 
 def shared_listeners(listeners) -> list:
-    """The listener services whose sockets the workers accept on too."""
+    """The listener services whose sockets the workers accept on too (the configuration
+    allows only plain sockets there: see ``config.SHAREABLE_ENDPOINTS``)."""
     return [listener for listener in listeners
-            if listener.label in SHARED_LABELS and listener.port is not None
-            and not listener.description.startswith("haproxy:")]
-
-
-def accept_one_at_a_time(port) -> None:
-    """Make a shared listening port accept one connection per wake-up.
-
-    Every process waiting on a shared socket is woken for each new connection; Twisted's
-    port accepts up to 100 at once, so the first process awake took all eight of a
-    client's simultaneous connections (measured: one process delivered all 2,000
-    messages).  One accept per wake-up lets the other processes take the next ones, and
-    a busy process, slower back to its poll, takes fewer.
-    """
-    read = port.doRead
-
-    def doRead():
-        port.numberAccepts = 1  # Twisted grows it after every full batch
-        return read()
-
-    port.doRead = doRead
+            if listener.label in SHARED_LABELS and listener.port is not None]
 
 
 def worker_arguments(number: int, parent: int, shared: list) -> list[str]:
@@ -59,6 +43,19 @@ def worker_arguments(number: int, parent: int, shared: list) -> list[str]:
     for fd, listener in enumerate(shared, FIRST_FD):
         args += ["--socket", f"{fd}:{listener.label}:{listener.description}"]
     return args
+
+
+def worker_environment() -> dict[str, str]:
+    """This process's environment, without systemd's socket-passing variables (a worker
+    gets its sockets as ``--socket`` descriptors, not from systemd)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+
+
+def worker_configuration(config: Config) -> str:
+    """The TOML a worker reads on its standard input: the effective configuration, less
+    what a worker never uses and should not hold (the dashboard's token)."""
+    return dump(dataclasses.replace(config, web=WebConfig()))
 
 
 class WorkerPool(Service):
@@ -92,7 +89,7 @@ class WorkerPool(Service):
             child_fds[fd] = listener.port.fileno()
         args = worker_arguments(number, os.getpid(), self._shared)
         try:
-            self._reactor.spawnProcess(worker, sys.executable, args, env=os.environ.copy(),
+            self._reactor.spawnProcess(worker, sys.executable, args, env=worker_environment(),
                                        childFDs=child_fds)
         except OSError as e:  # e.g. no process or descriptor left: try again later
             log.error("cannot start popgate worker {number}: {error}; trying again in "
@@ -101,7 +98,7 @@ class WorkerPool(Service):
                                                              number)
             return
         worker.started_at = self._reactor.seconds()
-        worker.transport.write(dump(self._config).encode("utf-8"))
+        worker.transport.write(worker_configuration(self._config).encode("utf-8"))
         worker.transport.closeStdin()
         self._workers[number] = worker
         log.info("popgate worker {number} started (pid {pid})", number=number,
@@ -156,15 +153,10 @@ class WorkerProtocol(protocol.ProcessProtocol):
         self.number = number
         self.started_at = 0.0
         self.ended: defer.Deferred = defer.Deferred()
-        self._buffer = b""
+        self._lines = LinePublisher(number)
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        lines = (self._buffer + data).split(b"\n")
-        self._buffer = lines.pop()
-        if len(self._buffer) > MAX_LINE:
-            self._buffer = b""
-        for line in lines:
-            publish_line(line, self.number)
+        self._lines.feed(data)
 
     def processEnded(self, reason) -> None:
         self._pool.ended(self, reason)
@@ -176,16 +168,3 @@ def describe_end(ended) -> str:
     if getattr(ended, "signal", None):
         return f"signal {ended.signal}"
     return f"exit status {getattr(ended, 'exitCode', None)}"
-
-
-def publish_line(line: bytes, number: int) -> None:
-    """Publish one of a worker's JSON log events in this process's log."""
-    if not line.strip():
-        return
-    try:
-        event = eventFromJSON(line.decode("utf-8"))
-    except ValueError:  # not JSON (a stray print): keep it, as text
-        log.info("worker {number}: {text}", number=number,
-                 text=line.decode("utf-8", "replace"))
-        return
-    globalLogPublisher(event)
