@@ -6,6 +6,8 @@ import dataclasses
 import io
 import os
 import socket
+import subprocess
+import sys
 
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.internet.task import Clock
@@ -20,7 +22,7 @@ from popgate.service import ListenerService, _limiter, makeWorkerService
 from popgate.workers.logpipe import MAX_LINE, LinePublisher, json_lines_observer
 from popgate.workers.pool import shared_listeners, worker_arguments
 from popgate.workers.sockets import AdoptedListener, accept_one_at_a_time
-from tests.harness import short_directory
+from tests.harness import child_env, short_directory
 
 
 def smtp_exchange(port: int) -> list[bytes]:
@@ -341,3 +343,18 @@ class WorkerPoolTests(unittest.TestCase):
         self.successResultOf(done)
         self.assertEqual(clock.getDelayedCalls(), [], "no restart while stopping")
         self.assertEqual(len(clock.spawned), 2)
+
+
+class WorkerStartTests(unittest.TestCase):
+    def test_a_worker_that_cannot_start_says_why_in_the_log_and_exits_1(self):
+        done = subprocess.run(
+            [sys.executable, "-m", "popgate.workers", "--number", "3",
+             "--parent", str(os.getpid())],
+            input=b"[server", capture_output=True, timeout=60, env=child_env())
+        self.assertEqual(done.returncode, 1, done.stderr)
+        publisher = LinePublisher(3)
+        with capturedLogs() as events:
+            publisher.feed(done.stdout)
+        text = "\n".join(formatEvent(e) for e in events)
+        self.assertTrue(text.startswith("popgate worker 3 cannot start\nTraceback"), text)
+        self.assertIn("worker 3: TOML syntax error", text)
