@@ -438,8 +438,8 @@ def _smtp_listeners(listen, config: Config, reactor, *, router: Router, delivere
     """SMTP, SMTPS and LMTP: what the main process and every worker serve alike.
 
     With several workers each process counts only its own sessions, so each gets its
-    share of the connection caps (rounded up): together they never allow more than
-    about the configured numbers, whichever process the kernel hands a connection to.
+    share of the connection caps, rounded up: together they admit at most the
+    configured numbers plus ``workers - 1``, whichever process takes a connection.
     """
     share = config.server.workers
     smtp = partial(SMTPFactory, config=config, router=router,
