@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.logger import Logger
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import FailTest, SkipTest
 
 from popgate.auth.users import UserDB, UserFile, hash_password
 from popgate.store.maildir import Maildir, MaildirStore, commit
@@ -82,6 +82,17 @@ def short_directory(testcase) -> str:
 
 def deferred_sleep(seconds: float) -> defer.Deferred:
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def until(condition, what, timeout: float = 20.0, every: float = 0.05):
+    """Wait until ``condition()`` is true; after ``timeout`` seconds fail the test with
+    ``what``: a string, or a callable giving one (read then: a log tail, a state)."""
+    deadline = reactor.seconds() + timeout
+    while not condition():
+        if reactor.seconds() > deadline:
+            raise FailTest("timed out waiting for " + (what() if callable(what) else what))
+        yield deferred_sleep(every)
 
 
 def read(path: str) -> bytes:

@@ -18,10 +18,10 @@ import socket
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.harness import read, start_twistd
+from tests.harness import deferred_sleep, read, start_twistd
 
 USER, SECRET = "alice@example.org", "Sup3r-Secret-Pa55"
 WRONG = "Wr0ng-Secret-Guess"
@@ -107,7 +107,7 @@ class LabEndToEndTests(TestCase):
     @defer.inlineCallbacks
     def views(self) -> defer.Deferred:
         """The log so far, /api/sessions, /api/mailboxes and /metrics."""
-        yield task.deferLater(reactor, 0.5, lambda: None)  # the closed login, the QUITs
+        yield deferred_sleep(0.5)  # the closed login, the QUITs
         web, metrics = self.server.port("web"), self.server.port("metrics")
         pages = yield threads.deferToThread(lambda: {
             "sessions": http_get(web, "/api/sessions"),

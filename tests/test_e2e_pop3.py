@@ -24,11 +24,18 @@ import socket
 import ssl
 import tempfile
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
 from tests.certs import make_test_pki
-from tests.harness import read, require_tool, run_client, start_twistd, write_private
+from tests.harness import (
+    deferred_sleep,
+    read,
+    require_tool,
+    run_client,
+    start_twistd,
+    write_private,
+)
 
 USER, PASSWORD = "alice@example.org", "pw"
 TIMEOUT = 60
@@ -162,7 +169,7 @@ class PoplibTests(POP3EndToEndTestCase):
                 return
             except poplib.error_proto as e:
                 self.assertIn(b"[IN-USE]", e.args[0])
-                yield task.deferLater(reactor, 0.1, lambda: None)
+                yield deferred_sleep(0.1)
         self.fail("the mailbox stayed locked")
 
     @defer.inlineCallbacks
@@ -490,7 +497,7 @@ class TLSCloseTests(TLSServerTestCase):
             if greeting.startswith(b"+OK"):
                 return
             self.assertEqual(greeting, b"-ERR [SYS/TEMP] too many sessions\r\n")
-            yield task.deferLater(reactor, 0.1, lambda: None)
+            yield deferred_sleep(0.1)
         self.fail("the TLS session was never closed by the server")
 
 

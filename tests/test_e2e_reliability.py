@@ -34,11 +34,10 @@ import tempfile
 import threading
 import time
 
-from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
+from twisted.internet import defer, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.harness import start_twistd, without_trace_headers
+from tests.harness import deferred_sleep, start_twistd, until, without_trace_headers
 
 USERS = [("alice@example.org", "pw"), ("bob@example.org", "pw")]
 TIMEOUT = 20
@@ -81,6 +80,12 @@ def in_background(pid: int = 0) -> None:
 
 def log_text(server) -> str:
     return server.log.decode("utf-8", "replace")
+
+
+def truncate(path: str) -> None:
+    """Leave the file at ``path`` empty (a users file an editor has just emptied)."""
+    with open(path, "wb"):
+        pass
 
 
 class Ledger:
@@ -143,8 +148,8 @@ class CrashHarness:
     def start(self, users=USERS):
         settings = {"server": {"data_dir": self.data_dir, "workers": self.workers}}
         server = yield start_twistd(self, settings=settings, users=users)
-        while server.log.count(b" ready") < self.workers:  # "popgate worker N ready"
-            yield deferLater(reactor, 0.05, lambda: None)
+        # "popgate ready", then "popgate worker N ready" from each worker
+        yield until(lambda: server.log.count(b" ready") >= self.workers, "the workers")
         for pid in [server.pid, *map(int, re.findall(rb"started \(pid (\d+)\)",
                                                      server.log))]:
             in_background(pid)
@@ -196,7 +201,7 @@ class CrashHarness:
             stop = threading.Event()
             loads = [threads.deferToThread(smtp_load, server.port("SMTP"), ledger, stop,
                                            round_ * 100 + n) for n in range(CONNECTIONS)]
-            yield deferLater(reactor, rng.uniform(0.4, 1.5), lambda: None)
+            yield deferred_sleep(rng.uniform(0.4, 1.5))
             yield self.kill(server)
             stop.set()
             yield defer.DeferredList(loads)
@@ -228,7 +233,7 @@ class CrashTests(CrashHarness, TestCase):
             port = server.port("POP3")
             deleted, retrieved = yield threads.deferToThread(
                 self.delete_then_quit, port, rng)
-            yield deferLater(reactor, rng.uniform(0, 0.1), lambda: None)
+            yield deferred_sleep(rng.uniform(0, 0.1))
             yield self.kill(server)
             server = yield self.start(users=())
             listed = yield threads.deferToThread(self.listing, server.port("POP3"))
@@ -399,7 +404,7 @@ class UsersFileFaultTests(TestCase):
         users_file = os.path.join(server.data_dir, "users")
         spoil(users_file)  # before any lookup: the users loaded at start are kept
         for _ in range(3):
-            yield deferLater(reactor, 1.05, lambda: None)  # past the 1 s stat throttle
+            yield deferred_sleep(1.05)  # past the 1 s stat throttle
             code, _ = yield threads.deferToThread(self.rcpt, server)
             self.assertEqual(code, 250)
         self.assertTrue((yield threads.deferToThread(self.login, server)).startswith(b"+OK"))
@@ -409,10 +414,7 @@ class UsersFileFaultTests(TestCase):
         self.assertNotIn("Traceback", log)
 
     def test_emptied_while_running(self):
-        def empty(path):
-            with open(path, "wb"):
-                pass
-        return self.check_kept(empty, "is empty")
+        return self.check_kept(truncate, "is empty")
 
     def test_garbage_while_running(self):
         def garbage(path):
@@ -442,10 +444,7 @@ class UsersFileFaultTests(TestCase):
         self.assertNotIn("Traceback", log)
 
     def test_empty_at_start(self):
-        def empty(path):
-            with open(path, "wb"):
-                pass
-        return self.check_never_loaded(empty, "is empty")
+        return self.check_never_loaded(truncate, "is empty")
 
     def test_directory_at_start(self):
         return self.check_never_loaded(os.mkdir, "cannot be read: Is a directory")

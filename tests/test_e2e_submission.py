@@ -29,11 +29,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet import defer, reactor, task, threads
+from twisted.internet import defer, threads
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.certs import make_test_pki
-from tests.harness import child_env, read_reply, run_client, spawn_twistd, start_twistd
+from tests.harness import (
+    child_env,
+    deferred_sleep,
+    read_reply,
+    run_client,
+    spawn_twistd,
+    start_twistd,
+    until,
+)
 from tests.smtpsink import Sink
 
 ALICE, BOB, PASSWORD = "alice@example.org", "bob@example.org", "pw"
@@ -50,7 +58,7 @@ def stored(server, user) -> list[bytes]:
 
 
 def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
+    return deferred_sleep(seconds)
 
 
 class SubmissionServerCase(TestCase):
@@ -285,7 +293,7 @@ class PostfixSmarthostTests(TestCase):
         for _ in range(300):
             if new.is_dir() and list(new.iterdir()):
                 break
-            yield sleep(0.1)
+            yield deferred_sleep(0.1)
         queue = os.path.join(server.data_dir, "queue")
         self.assertTrue(new.is_dir(), "not delivered by Postfix: " + repr(os.listdir(queue))
                         + (root / "postfix.log").read_text(errors="replace")[-3000:])
@@ -303,7 +311,7 @@ class PostfixSmarthostTests(TestCase):
         for _ in range(100):
             if not [n for n in os.listdir(queue) if n.endswith((".env", ".msg"))]:
                 break
-            yield sleep(0.1)
+            yield deferred_sleep(0.1)
         self.assertEqual([n for n in os.listdir(queue) if n.endswith((".env", ".msg"))], [])
 
 
@@ -334,13 +342,9 @@ class RelayServerMixin:
                     data += f.read()
         return data
 
-    @defer.inlineCallbacks
     def until(self, condition, seconds=30.0):
-        for _ in range(int(seconds * 10)):
-            if condition():
-                return
-            yield sleep(0.1)
-        self.fail("condition not met in time: " + self.server.log.decode()[-3000:])
+        return until(condition, lambda: "a condition: " + self.server.log.decode()[-3000:],
+                     seconds, every=0.1)
 
     def cli(self, *args):
         return run_client([sys.executable, "-m", "popgate.cli", "--config",
@@ -443,8 +447,8 @@ class CrashTests(TestCase):
                 pass  # the server was killed: what was not answered 250 is not ours
 
         clients = [threads.deferToThread(client, n) for n in range(self.CLIENTS)]
-        while len(accepted) < self.MESSAGES // 2:
-            yield sleep(0.05)
+        yield until(lambda: len(accepted) >= self.MESSAGES // 2, "half of the messages "
+                    "accepted", timeout=self.timeout, every=0.05)
         self.assertGreater(len(sink.messages), 0, "the queue is relaying")
         os.kill(server.pid, signal.SIGKILL)
         yield server.process.ended
@@ -456,7 +460,7 @@ class CrashTests(TestCase):
             left = [n for n in os.listdir(queue) if n.endswith((".env", ".msg"))]
             if not left:
                 break
-            yield sleep(0.1)
+            yield deferred_sleep(0.1)
         self.assertEqual(left, [], "no queue file left behind")
         self.assertEqual(os.listdir(os.path.join(queue, "tmp")), [])
         received = [re.search(rb"Subject: (crash-\d+)", m.data).group(1).decode()

@@ -13,12 +13,11 @@ import re
 import signal
 import smtplib
 import socket
-import time
 
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.harness import deferred_sleep, short_directory, start_twistd
+from tests.harness import short_directory, start_twistd, until
 
 USER = ("alice@example.org", "pw")
 SETTINGS = {"server": {"workers": 2}}
@@ -47,15 +46,6 @@ def alive(pid: int) -> bool:
         return f.read().split(b") ", 1)[1][:1] != b"Z"
 
 
-@defer.inlineCallbacks
-def wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        yield deferred_sleep(0.05)
-
-
 class WorkerTests(TestCase):
     timeout = 90
 
@@ -67,7 +57,7 @@ class WorkerTests(TestCase):
 
     @defer.inlineCallbacks
     def worker_ready(self, server, times: int):
-        yield wait_for(lambda: server.log.count(b"popgate worker 1 ready") >= times,
+        yield until(lambda: server.log.count(b"popgate worker 1 ready") >= times,
                        "the worker")
         return self.worker_pid(server)
 
@@ -86,7 +76,7 @@ class WorkerTests(TestCase):
         self.assertEqual(len(server.messages(USER[0])), 60)
         self.assertEqual(self.delivered_by(server), {str(server.pid), str(worker)},
                          "both processes took connections")
-        yield wait_for(lambda: server.log.count(b" closed (quit)") >= 60, "the log lines")
+        yield until(lambda: server.log.count(b" closed (quit)") >= 60, "the log lines")
         self.assertEqual(server.log.count(b" delivered "), 60, server.log.decode())
         self.assertNotIn(b"Traceback", server.log)
 
@@ -117,7 +107,7 @@ class WorkerTests(TestCase):
     def test_sighup_reaches_the_worker(self):
         server = yield self.start()
         os.kill(server.pid, signal.SIGHUP)
-        yield wait_for(lambda: server.log.count(b"SIGHUP: 1 users read from") == 2,
+        yield until(lambda: server.log.count(b"SIGHUP: 1 users read from") == 2,
                        "both processes' reload lines")
 
     @defer.inlineCallbacks
@@ -137,6 +127,6 @@ class WorkerTests(TestCase):
         port = server.port("SMTP")
         os.kill(server.pid, signal.SIGKILL)
         yield server.process.ended
-        yield wait_for(lambda: not alive(worker), "the worker to die with its parent", 5)
+        yield until(lambda: not alive(worker), "the worker to die with its parent", 5)
         with socket.create_server(("127.0.0.1", port)):
             pass  # nobody holds the port: a restart can listen on it

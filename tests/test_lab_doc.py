@@ -17,10 +17,10 @@ import re
 import signal
 import sys
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial.unittest import TestCase
 
-from tests.harness import REPO, child_env, read, require_tool, run_client
+from tests.harness import REPO, child_env, deferred_sleep, read, require_tool, run_client
 
 LAB = os.path.join(REPO, "docs", "lab.md")
 _BLOCK = re.compile(r"(?:<!-- lab: (?P<mark>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)```\n"
@@ -89,7 +89,7 @@ class LabWorksheetTests(TestCase):
             text = read(log).decode("utf-8", "replace") if os.path.exists(log) else ""
             if "popgate ready" in text:
                 break
-            yield task.deferLater(reactor, 0.1, lambda: None)
+            yield deferred_sleep(0.1)
         else:
             self.fail(f"the lab server did not start:\n{text}")
         self.ports = {label: port for label, port in _LISTENING.findall(text)}
