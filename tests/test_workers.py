@@ -20,7 +20,7 @@ from popgate.auth.users import UserFile, hash_password
 from popgate.limits import parse_networks
 from popgate.service import ListenerService, _limiter, makeWorkerService
 from popgate.workers.logpipe import MAX_LINE, LinePublisher, json_lines_observer
-from popgate.workers.pool import shared_listeners, worker_arguments
+from popgate.workers.pool import FIRST_FD, shared_listeners, worker_arguments
 from popgate.workers.sockets import AdoptedListener, accept_one_at_a_time
 from tests.harness import child_env, short_directory
 
@@ -99,7 +99,7 @@ class SharedSocketTests(unittest.TestCase):
             services.append(service)
         shared = shared_listeners(services)
         self.assertEqual([s.label for s in shared], ["SMTP", "LMTP"])
-        args = worker_arguments(1, 4242, shared)
+        args = worker_arguments(1, 4242, dict(enumerate(shared, FIRST_FD)))
         self.assertEqual(args[1:], ["-m", "popgate.workers", "--number", "1",
                                     "--parent", "4242",
                                     "--socket", "3:SMTP:tcp:0:interface=127.0.0.1",

@@ -19,13 +19,17 @@ import sys
 PR_SET_PDEATHSIG = 1
 
 
+def exit_if_orphaned(parent: int) -> None:
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 def die_with_parent(parent: int) -> bool:
     """Get SIGKILL when the parent dies (Linux); False where that cannot be arranged."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
-            if os.getppid() != parent:  # it died before the prctl
-                os._exit(1)
+            exit_if_orphaned(parent)  # it may have died before the prctl
             return True
     return False
 
@@ -65,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         _close_unused(sockets, service)
     if watched:  # no PR_SET_PDEATHSIG here: look for the parent every second
-        task.LoopingCall(_exit_if_orphaned, args.parent).start(1.0)
+        task.LoopingCall(exit_if_orphaned, args.parent).start(1.0)
     failed: list[bool] = []
     stop = _stopper(reactor)
     for number in (signal.SIGTERM, signal.SIGINT):
@@ -96,13 +100,14 @@ def _close_unused(sockets: dict[tuple[str, str], int], service) -> None:
 
 def _stopper(reactor):
     """``reactor.stop`` once: systemd and the main process may both send SIGTERM."""
+    stopping = False
 
     def stop() -> None:
+        nonlocal stopping
         if reactor.running and not stopping:
-            stopping.append(True)
+            stopping = True
             reactor.stop()
 
-    stopping: list[bool] = []
     return stop
 
 
@@ -113,11 +118,6 @@ def _start(reactor, service, failed: list, log, number: int) -> None:
         log.failure("popgate worker {number} cannot start", number=number)
         failed.append(True)
         reactor.stop()
-
-
-def _exit_if_orphaned(parent: int) -> None:
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,12 @@ def shared_listeners(listeners) -> list:
             if listener.label in SHARED_LABELS and listener.port is not None]
 
 
-def worker_arguments(number: int, parent: int, shared: list) -> list[str]:
-    """``python -m popgate.workers`` and the sockets it gets (fd, label, description)."""
+def worker_arguments(number: int, parent: int, sockets: dict) -> list[str]:
+    """``python -m popgate.workers`` and the sockets it gets (``sockets``: the worker's
+    descriptor number -> the listener whose socket it is)."""
     args = [sys.executable, "-m", "popgate.workers", "--number", str(number),
             "--parent", str(parent)]
-    for fd, listener in enumerate(shared, FIRST_FD):
+    for fd, listener in sockets.items():
         args += ["--socket", f"{fd}:{listener.label}:{listener.description}"]
     return args
 
@@ -84,10 +85,10 @@ class WorkerPool(Service):
     def _start(self, number: int) -> None:
         self._restarts.pop(number, None)
         worker = WorkerProtocol(self, number)
+        sockets = dict(enumerate(self._shared, FIRST_FD))
         child_fds: dict[int, object] = {0: "w", 1: "r", 2: 2}
-        for fd, listener in enumerate(self._shared, FIRST_FD):
-            child_fds[fd] = listener.port.fileno()
-        args = worker_arguments(number, os.getpid(), self._shared)
+        child_fds.update((fd, listener.port.fileno()) for fd, listener in sockets.items())
+        args = worker_arguments(number, os.getpid(), sockets)
         try:
             self._reactor.spawnProcess(worker, sys.executable, args, env=worker_environment(),
                                        childFDs=child_fds)
