@@ -351,15 +351,11 @@ def makeService(config: Config, reactor=None) -> MultiService:
     listen = partial(_listen, top, reactor,
                      proxies=parse_networks(config.limits.trusted_proxies))
 
-    events = EventBus()
-    SessionLog(reactor).subscribe(events)
+    events = _session_events(config, reactor)
     sessions = SessionRegistry(reactor)
-
-    deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
-    DelivererService(deliverer).setServiceParent(top)
-    router = Router(config, users)
-    _smtp_listeners(listen, config, reactor, router=router, deliverer=deliverer,
-                    events=events, tls=tls, sessions=sessions, trusted=trusted)
+    deliverer, router = _smtp_side(top, listen, config, reactor, users=users, store=store,
+                                   run_in_thread=run_in_thread, tls=tls, events=events,
+                                   sessions=sessions, trusted=trusted)
     if config.server.workers > 1:
         pool = WorkerPool(reactor, config, [service for service in top
                                             if isinstance(service, ListenerService)])
@@ -412,35 +408,45 @@ def makeWorkerService(config: Config, reactor, sockets: dict[tuple[str, str], in
     with its own store owner, spare files, event bus and session log."""
     users = UserDB(config.users_file)
     store = MaildirStore(config.mail_root, config.hostname, config.pop3.listing_cache)
-    run_in_thread = partial(_defer_to_reactor_pool, reactor)
     tls = _tls_creator(config, reactor)
 
     top = MultiService()
     StorageService(config, store, users, sweep=False).setServiceParent(top)
     ReloadService(reactor, tls, users).setServiceParent(top)
-    events = EventBus()
-    SessionLog(reactor).subscribe(events)
-    _trace(config, events)
     sessions = SessionRegistry(reactor)
-    deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
-    DelivererService(deliverer).setServiceParent(top)
-    adopt = partial(_adopt, top, reactor, sockets)
-    _smtp_listeners(adopt, config, reactor, router=Router(config, users), deliverer=deliverer,
-                    events=events, tls=tls, sessions=sessions,
-                    trusted=parse_networks(config.limits.trusted_networks))
+    _smtp_side(top, partial(_adopt, top, reactor, sockets), config, reactor, users=users,
+               store=store, run_in_thread=partial(_defer_to_reactor_pool, reactor), tls=tls,
+               events=_session_events(config, reactor), sessions=sessions,
+               trusted=parse_networks(config.limits.trusted_networks))
     DrainService(sessions, config.server.drain_timeout).setServiceParent(top)
     ReadyService(reactor, f"popgate worker {number} ready").setServiceParent(top)
     return top
 
 
-def _smtp_listeners(listen, config: Config, reactor, *, router: Router, deliverer: Deliverer,
-                    events: EventBus, tls, sessions: SessionRegistry, trusted) -> None:
-    """SMTP, SMTPS and LMTP: what the main process and every worker serve alike.
+def _session_events(config: Config, reactor) -> EventBus:
+    """The process's event bus, with the session log and (``[log] trace``) the trace."""
+    events = EventBus()
+    SessionLog(reactor).subscribe(events)
+    if config.log.trace:
+        from popgate.observe.trace import ProtocolTrace
+
+        ProtocolTrace().subscribe(events)
+    return events
+
+
+def _smtp_side(top: MultiService, listen, config: Config, reactor, *, users: UserDB,
+               store: MaildirStore, run_in_thread, tls, events: EventBus,
+               sessions: SessionRegistry, trusted) -> tuple[Deliverer, Router]:
+    """The process's one Deliverer, its Router, and the SMTP, SMTPS and LMTP listeners:
+    what the main process and every worker build alike (``listen`` binds or adopts).
 
     With several workers each process counts only its own sessions, so each gets its
     share of the connection caps, rounded up: together they admit at most the
     configured numbers plus ``workers - 1``, whichever process takes a connection.
     """
+    deliverer = Deliverer(store, run_in_thread, hostname=config.hostname, now=reactor.seconds)
+    DelivererService(deliverer).setServiceParent(top)
+    router = Router(config, users)
     share = config.server.workers
     smtp = partial(SMTPFactory, config=config, router=router,
                    deliverer=deliverer, clock=reactor,
@@ -450,12 +456,13 @@ def _smtp_listeners(listen, config: Config, reactor, *, router: Router, delivere
     listen("SMTPS", config.smtp.tls_listen, _implicit(smtp, tls))
     listen("LMTP", config.smtp.lmtp_listen,
            smtp(lmtp=True, limiter=_limiter(config, trusted, share)))
+    return deliverer, router
 
 
 def _observe(top: MultiService, config: Config, events: EventBus, store: MaildirStore,
              reactor, users: UserDB, auth_threads: AuthThreadPool) -> None:
-    """The observers of the session events, and the metrics and dashboard listeners."""
-    _trace(config, events)
+    """The metrics and dashboard observers of the session events, and their listeners
+    (the session log and the trace are :func:`_session_events`')."""
     if not (config.metrics.listen or config.web.listen):
         return
     from twisted.web.resource import Resource
@@ -484,13 +491,6 @@ def _observe(top: MultiService, config: Config, events: EventBus, store: Maildir
         site = build_site(board, reactor, config.web.token, metrics_page)
         for description in config.web.listen:
             ListenerService(reactor, description, site, "web").setServiceParent(top)
-
-
-def _trace(config: Config, events: EventBus) -> None:
-    if config.log.trace:
-        from popgate.observe.trace import ProtocolTrace
-
-        ProtocolTrace().subscribe(events)
 
 
 def _queue_runner(config: Config, reactor, queue: Queue, run_in_thread, deliverer: Deliverer,
