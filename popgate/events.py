@@ -29,7 +29,8 @@ the protocol's classes.  The kinds and their data:
 ``message``
     ``action``: ``delivered`` (``id``, ``sender``, ``recipients``, ``users``, ``octets``
     as stored with LF line ends, ``list_octets`` as POP3's LIST reports them with CRLF,
-    ``tls``, ``summary`` of its From/To/Subject, ``latency``: seconds from the end of
+    ``tls``, ``summary`` of its From/To/Subject (empty unless something subscribes to
+    ``reply``: only transcripts show it), ``latency``: seconds from the end of
     its data to the ``250``), ``queued`` (submission: ``id``, ``sender``, ``recipients``
     queued for the smarthost, ``octets`` as queued), ``retrieved`` / ``topped``
     (``number``, ``uidl``, ``octets``), ``deleted`` (``number``, ``uidl``, ``octets``:

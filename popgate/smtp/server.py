@@ -678,12 +678,15 @@ class SMTPServer(LineSession):
         self.session.messages += 1
         arrival = transaction.arrival
         if transaction.users:  # else only queued for relay (submission publishes that)
+            # Only transcripts (trace, dashboard) show the summary: as for POP3's RETR,
+            # the headers are parsed when something takes replies, not per message always.
+            summary = header_summary(message.head) if self.events.wants("reply") else ""
             self.events.publish(
                 "message", self.info, action="delivered", id=transaction.id,
                 sender=arrival.sender, recipients=tuple(r.address for r in recipients),
                 users=tuple(u.name for u in transaction.users),
                 octets=transaction.stored_octets, list_octets=transaction.list_octets,
-                tls=arrival.tls, summary=header_summary(message.head),
+                tls=arrival.tls, summary=summary,
                 latency=self.clock.seconds() - data_ended)  # end of data to 250
         self._answer_message(recipients, Reply(250, "2.0.0", f"Ok: queued as {transaction.id}"))
 
