@@ -193,10 +193,10 @@ class LogRelayTests(unittest.TestCase):
                  "log_level": LogLevel.info, "log_time": 1e9}
         line = eventAsJSON(event).encode() + b"\n"
         # In pieces, as a pipe delivers them; lines that are not events are kept as text.
-        self.assertEqual(self.lines(line[:20], line[20:] + b"not json\n1\nnull\n"),
+        self.assertEqual(self.lines(line[:20], line[20:] + b"not json\n1\nnull\n\xff{\0\n"),
                          ["SMTP [AB12] 192.0.2.1:4000 closed (quit)",
                           "popgate worker 1: not json", "popgate worker 1: 1",
-                          "popgate worker 1: null"])
+                          "popgate worker 1: null", "popgate worker 1: \ufffd{\0"])
         self.assertEqual(self.events[0]["log_namespace"], "popgate.session")
         self.assertEqual(self.events[0]["log_level"], LogLevel.info)
         self.assertEqual(self.events[0]["log_time"], 1e9)
