@@ -35,10 +35,6 @@ _ENDPOINT_KEYS = ("smtp.listen", "smtp.tls_listen", "smtp.lmtp_listen", "pop3.li
                   "pop3.tls_listen")
 
 
-def queue_dir(config: Config) -> str:
-    return os.path.join(config.server.data_dir, "queue")
-
-
 # -- start-up: the effective user -------------------------------------------------------
 
 
@@ -66,7 +62,7 @@ def storage_problem(config: Config) -> str | None:
 def _storage_directories(config: Config) -> Iterator[str]:
     """The data directory and every existing directory the server writes in."""
     yield config.server.data_dir
-    for directory in (config.mail_root, queue_dir(config)):
+    for directory in (config.mail_root, config.queue_dir):
         if os.path.isdir(directory):
             yield directory
     for domain in _subdirectories(config.mail_root):
