@@ -6,9 +6,8 @@ RFC 3030) and STARTTLS (RFC 3207); with ``lmtp=True`` the same machine speaks LM
 (RFC 2033: ``LHLO``, one reply per accepted recipient after the message).  There is no
 AUTH here: this receiver only accepts mail for its local users.  Authenticated
 submission (AUTH, sender policy, the outbound queue) is :mod:`popgate.smtp.submission`,
-a subclass using the hooks :meth:`SMTPServer.trace_line`, :meth:`SMTPServer.check_sender`,
-:meth:`SMTPServer.route`, :meth:`SMTPServer.arrival` and
-:meth:`SMTPServer.begin_transaction`.
+a subclass using the hooks :meth:`SMTPServer.check_sender`, :meth:`SMTPServer.route`,
+:meth:`SMTPServer.arrival` and :meth:`SMTPServer.begin_transaction`.
 
 Wire format: command lines end with CRLF (a bare LF is tolerated) and are at most 512
 octets (RFC 5321 §4.5.3.1.4); every reply carries an enhanced status code.  Message data
@@ -62,7 +61,6 @@ from popgate.smtp.delivery import (
 )
 from popgate.smtp.reply import CANNOT_STORE, INTERNAL_ERROR, TOO_BIG, Reply
 from popgate.smtp.session import Chunk, Envelope, MessageInFlight, Session, Stage
-from popgate.tls import tls_description
 
 MAX_COMMAND_LINE = 512  # octets including CRLF, RFC 5321 §4.5.3.1.4
 _MAX_SIZE_DIGITS = 20
@@ -273,7 +271,9 @@ class SMTPServer(LineSession):
             self._refuse(SMTPCommandError(500, "5.5.2", "Error: invalid UTF-8 in command"))
             return
         if self.events.wants("command"):
-            self.events.publish("command", self.info, line=self.trace_line(text))
+            # No AUTH here, but a client may send one anyway, with its password in the
+            # initial response (RFC 4954 §4), or a POP3 PASS: never published.
+            self.events.publish("command", self.info, line=redact(text))
         verb, _, argument = text.partition(" ")
         verb = verb.upper()
         if verb not in self.factory.commands:
@@ -283,12 +283,6 @@ class SMTPServer(LineSession):
             getattr(self, "smtp_" + verb)(argument.strip(" "))
         except SMTPCommandError as e:
             self._refuse(e)
-
-    def trace_line(self, text: str) -> str:
-        """The command line as ``command`` events show it.  No AUTH here, but a client may
-        send one anyway, with its password in the initial response (RFC 4954 §4), or a
-        POP3 PASS: its secret is never published."""
-        return redact(text)
 
     # -- replies ------------------------------------------------------------------------
 
@@ -566,7 +560,7 @@ class SMTPServer(LineSession):
             helo=self.session.helo,
             client_ip=None if self.client_host == LOCAL_PEER else self.client_host,
             protocol=self._protocol_keyword(),
-            tls=tls_description(self.transport) if self.session.secure else None,
+            tls=self.session.tls if self.session.secure else None,  # from the handshake
         )
 
     def begin_transaction(self, arrival: Arrival) -> defer.Deferred:

@@ -49,7 +49,7 @@ from twisted.internet import defer
 from popgate.auth import sasl
 from popgate.auth.account import IAccount
 from popgate.auth.login import Authenticator, LoginAttempt, LoginFailed, plaintext_allowed
-from popgate.events import SECRET, redact
+from popgate.events import SECRET
 from popgate.relay import sign
 from popgate.relay.queue import Envelope as QueuedEnvelope
 from popgate.relay.queue import Queue, QueuedRecipient
@@ -202,9 +202,6 @@ class SubmissionServer(SMTPServer):
         keyword = super()._protocol_keyword()
         # RFC 3848 §2: ESMTPA / ESMTPSA (and UTF8SMTPA / UTF8SMTPSA, RFC 6531 §3.7.3).
         return keyword + "A" if self.session.user and keyword != "SMTP" else keyword
-
-    def trace_line(self, text: str) -> str:
-        return redact(text)
 
     def arrival(self) -> Arrival:
         arrival = super().arrival()
