@@ -381,14 +381,14 @@ def _dns_records(args) -> None:
 
 
 def _tls_selfsigned(args) -> None:
-    from popgate.tls import LOCAL_NAMES, make_selfsigned
+    from popgate.tls import make_selfsigned, selfsigned_names
 
     existing = [p for p in (args.cert, args.key) if os.path.exists(p)]
     if existing and not args.force:
         raise AdminError(f"{existing[0]} exists; use --force to replace it")
     make_selfsigned(args.hostname, args.cert, args.key, days=args.days,
                     extra_names=tuple(args.san))
-    names = ", ".join(dict.fromkeys([args.hostname, *args.san, *LOCAL_NAMES]))
+    names = ", ".join(selfsigned_names(args.hostname, args.san))
     print(f"wrote {args.cert} and {args.key} for {names}")
 
 

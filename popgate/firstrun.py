@@ -24,7 +24,7 @@ from importlib import resources
 from popgate import config as configuration
 from popgate.auth.users import UserDB, UserError, UserFile
 from popgate.config import ConfigError
-from popgate.tls import LOCAL_NAMES, make_selfsigned
+from popgate.tls import make_selfsigned, selfsigned_names
 
 # The names the socket units give their sockets, and where the configuration takes them.
 SOCKETS = {
@@ -184,7 +184,7 @@ def _give(directory: str, owner: pwd.struct_passwd) -> None:
 
 
 def next_steps(plan: Plan) -> str:
-    names = ", ".join(dict.fromkeys([plan.hostname, *plan.extra_names, *LOCAL_NAMES]))
+    names = ", ".join(selfsigned_names(plan.hostname, plan.extra_names))
     lines = [
         f"wrote {plan.config_path}",
         f"  data directory  {plan.data_dir} (mail, users file)"

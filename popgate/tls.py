@@ -435,6 +435,12 @@ def _openssl_connection_of(transport: object) -> SSL.Connection | None:
 # Self-signed certificates
 
 
+def selfsigned_names(hostname: str, extra_names=()) -> list[str]:
+    """The names a self-signed certificate from :func:`make_selfsigned` is for, in
+    order, without repeats: ``hostname``, ``extra_names``, then ``LOCAL_NAMES``."""
+    return list(dict.fromkeys([hostname, *extra_names, *LOCAL_NAMES]))
+
+
 def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 365,
                     extra_names: tuple[str, ...] = ()) -> None:
     """
@@ -446,7 +452,7 @@ def make_selfsigned(hostname: str, cert_path: str, key_path: str, days: int = 36
     @raise OSError: if a file cannot be written.
     """
     key = ec.generate_private_key(ec.SECP256R1())
-    names = list(dict.fromkeys([hostname, *extra_names, *LOCAL_NAMES]))
+    names = selfsigned_names(hostname, extra_names)
     certificate = _selfsigned_certificate(hostname, names, key, days)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
