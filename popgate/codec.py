@@ -149,6 +149,13 @@ _SUMMARY_HEADERS = (b"from", b"to", b"subject")
 SUMMARY_HEAD = 2048  # octets of a message's start that a summary looks at
 
 
+def header_section(message: bytes) -> bytes:
+    """The header section of a message with LF line ends, without the blank line that
+    ends it (the whole message if it has no body)."""
+    end = message.find(b"\n\n")
+    return message if end < 0 else message[:end + 1]
+
+
 def header_summary(head: bytes) -> str:
     """``From: ..., To: ..., Subject: ...`` from the start of a message (LF or CRLF line
     ends; at most :data:`SUMMARY_HEAD` octets read), for the protocol trace and the lab

@@ -17,6 +17,7 @@ import email.utils
 import re
 import secrets
 
+from popgate.codec import header_section
 from popgate.relay.queue import Envelope
 
 _ENHANCED = re.compile(r"^(?:\d{3}[ -])?([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -30,12 +31,6 @@ def status_of(reply: str, default: str = "5.0.0") -> str:
     if match is None:
         return default
     return ".".join(match.groups())
-
-
-def original_headers(message: bytes) -> bytes:
-    """The header section of a queued message (LF line ends), without the blank line."""
-    end = message.find(b"\n\n")
-    return message if end < 0 else message[:end + 1]
 
 
 def bounce(envelope: Envelope, message: bytes, *, hostname: str, smarthost: str,
@@ -99,4 +94,4 @@ def bounce(envelope: Envelope, message: bytes, *, hostname: str, smarthost: str,
         "",
     ]
     text = "\n".join(head).encode("utf-8") + b"\n"
-    return text + original_headers(message) + f"\n--{boundary}--\n".encode("ascii")
+    return text + header_section(message) + f"\n--{boundary}--\n".encode("ascii")

@@ -33,6 +33,7 @@ import dkim
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
+from popgate.codec import header_section
 from popgate.fileio import write_atomically
 
 ALGORITHMS = ("rsa", "ed25519")
@@ -156,8 +157,7 @@ def prepare(data: bytes, trace_octets: int, *, message_id: str, hostname: str, n
     the message unsigned, with ``warn(text)``: refusing it would only make the client
     retry the same bytes."""
     trace, content = data[:trace_octets], data[trace_octets:]
-    end = content.find(b"\n\n")
-    head = content if end < 0 else content[:end + 1]
+    head = header_section(content)
     present = set(_header_names(head))
     added = b""
     if b"message-id" not in present:
