@@ -610,12 +610,16 @@ class POP3Server(LineSession):
         if not self.closing:  # else ended() logs out
             self._enter_transaction()
 
+    def _size_of_maildrop(self) -> bytes:
+        """``3 messages (12345 octets)``: what the greeting after a login, LIST and RSET
+        say of the maildrop (the messages not marked deleted, CRLF octets)."""
+        count, octets = self._maildrop.stat()
+        return b"%d message%s (%d octets)" % (count, b"" if count == 1 else b"s", octets)
+
     def _enter_transaction(self) -> None:
         self.state = State.TRANSACTION
         self._publish_state()
-        count, octets = self._maildrop.stat()
-        self._ok(b"Logged in, %d message%s (%d octets)"
-                 % (count, b"" if count == 1 else b"s", octets))
+        self._ok(b"Logged in, " + self._size_of_maildrop())
         self._reset_idle_timer()
         self.end_operation()
 
@@ -678,9 +682,7 @@ class POP3Server(LineSession):
             if found is not None:
                 self._ok(b"%d %d" % (found[0], found[1].octets))
             return
-        count, octets = self._maildrop.stat()
-        self._multiline(b"+OK %d message%s (%d octets)"
-                        % (count, b"" if count == 1 else b"s", octets),
+        self._multiline(b"+OK " + self._size_of_maildrop(),
                         [b"%d %d" % (n, info.octets) for n, info in self._maildrop.listing()])
 
     def do_UIDL(self, argument: bytes) -> None:
@@ -725,9 +727,7 @@ class POP3Server(LineSession):
         if self._no_argument(argument):
             marked = self._maildrop.deleted_count
             self._maildrop.undelete_all()
-            count, octets = self._maildrop.stat()
-            self._ok(b"Maildrop has %d message%s (%d octets)"
-                     % (count, b"" if count == 1 else b"s", octets))
+            self._ok(b"Maildrop has " + self._size_of_maildrop())
             if marked:
                 self.events.publish("message", self.info, action="undeleted", count=marked)
 
