@@ -382,9 +382,7 @@ class SparePool:
         queues = []
         for user in users:
             queue = self._spares.get(user.name)
-            while queue and queue[0][0] < oldest:
-                self._stale.append(queue.popleft()[1])
-                self._count -= 1
+            self._expire(queue, oldest)
             queues.append(queue)
         taken = None
         if all(queues):
@@ -406,13 +404,17 @@ class SparePool:
         self._swept = now
         oldest = now - self._max_age
         for name, queue in list(self._spares.items()):
-            while queue and queue[0][0] < oldest:
-                self._stale.append(queue.popleft()[1])
-                self._count -= 1
+            self._expire(queue, oldest)
             if not queue:
                 del self._spares[name]
         if len(self._targets) > 4 * self._limit:
             self._targets.clear()  # forget old bursts: targets start from 1 again
+
+    def _expire(self, queue: deque | None, oldest: float) -> None:
+        """Move the spares of ``queue`` made before ``oldest`` to the stale list."""
+        while queue and queue[0][0] < oldest:
+            self._stale.append(queue.popleft()[1])
+            self._count -= 1
 
     def _top_up(self, user: User) -> None:
         have = len(self._spares.get(user.name, ())) + self._pending.get(user.name, 0)
