@@ -220,10 +220,8 @@ class Maildir:
     def _parse(self, sub: str, name: str) -> tuple[tuple, MessageInfo]:
         """(delivery-order key, info) for one directory entry."""
         path = f"{self.path}/{sub}/{name}"
-        base = name.partition(":")[0]
-        found = _CRLF_SIZE_FIELD.search(base)
-        size = int(found.group(1)) if found else crlf_size(path)
-        info = MessageInfo(path, make_uidl(base.partition(",")[0]), size, sub == "cur")
+        uidl, size = parse_name(name)
+        info = MessageInfo(path, uidl, crlf_size(path) if size is None else size, sub == "cur")
         return _order_key(name), info
 
     def remove(self, messages: Iterable[MessageInfo]) -> None:
@@ -623,6 +621,14 @@ def publish(messages: list[IncomingMessage]) -> set[str]:
             if message.final_path is None or not os.path.exists(message.final_path):
                 message.abort()
         raise
+
+
+def parse_name(name: str) -> tuple[str, int | None]:
+    """(UIDL, size with CRLF line ends from its ``,W=`` field, or None without one) of a
+    message's file name in ``new/`` or ``cur/``."""
+    base = name.partition(":")[0]
+    found = _CRLF_SIZE_FIELD.search(base)
+    return make_uidl(base.partition(",")[0]), int(found.group(1)) if found else None
 
 
 def make_uidl(unique: str) -> str:

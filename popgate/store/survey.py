@@ -20,10 +20,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from popgate.store.maildir import make_uidl
+from popgate.store.maildir import parse_name
 
 _STORED_SIZE = re.compile(r",S=(\d+)(?:,|:|\Z)")
-_CRLF_SIZE = re.compile(r",W=(\d+)(?:,|:|\Z)")
 
 
 @dataclass(frozen=True)
@@ -97,20 +96,18 @@ def _list(directory: str, sub: str) -> list[FileEntry]:
 
 
 def _message_entry(entry: os.DirEntry) -> FileEntry | None:
-    base = entry.name.partition(":")[0]
-    stored = _STORED_SIZE.search(base)
-    crlf = _CRLF_SIZE.search(base)
-    if stored is None or crlf is None:
+    uidl, crlf_size = parse_name(entry.name)
+    stored = _STORED_SIZE.search(entry.name.partition(":")[0])
+    if stored is None or crlf_size is None:
         try:
             size = entry.stat().st_size
         except FileNotFoundError:
             return None  # gone since the listing (a POP3 QUIT)
         stored_size = int(stored.group(1)) if stored else size
-        crlf_size = int(crlf.group(1)) if crlf else size
+        crlf_size = size if crlf_size is None else crlf_size
     else:
-        stored_size, crlf_size = int(stored.group(1)), int(crlf.group(1))
-    return FileEntry(entry.name, make_uidl(base.partition(",")[0]), crlf_size, stored_size,
-                     "message")
+        stored_size = int(stored.group(1))
+    return FileEntry(entry.name, uidl, crlf_size, stored_size, "message")
 
 
 def _tmp_entry(entry: os.DirEntry) -> FileEntry | None:
