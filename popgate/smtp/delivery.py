@@ -128,8 +128,7 @@ class Router:
         that would let a user send as every address nobody else has.)"""
         if mailbox.has_relay_hack or mailbox.is_literal:
             return False
-        local = mailbox.local.lower().partition("+")[0]
-        address = f"{local}@{mailbox.domain}"
+        address = f"{_base_local(mailbox)}@{mailbox.domain}"
         return address == user or user in self._aliases.get(address, ())
 
     def user(self, name: str) -> User | None:
@@ -144,7 +143,7 @@ class Router:
     def _resolve(self, mailbox: Mailbox) -> Resolution:
         if mailbox.has_relay_hack or mailbox.is_literal or not self.is_local(mailbox.domain):
             return Resolution(refusal=RELAY_DENIED)
-        local = mailbox.local.lower().partition("+")[0]  # RFC 5233 sub-address
+        local = _base_local(mailbox)
         if not local:
             return Resolution(refusal=UNKNOWN_USER)
         return self._lookup(local, mailbox.domain)
@@ -201,6 +200,12 @@ class Router:
             else:
                 users.setdefault(user.name, user)
         return tuple(users.values())
+
+
+def _base_local(mailbox: Mailbox) -> str:
+    """The local part without an RFC 5233 sub-address (``alice+news`` -> ``alice``),
+    lower-cased: the user it names."""
+    return mailbox.local.lower().partition("+")[0]
 
 
 def _default_postmaster(users: UserDB) -> tuple[str, ...] | None:
