@@ -4,6 +4,8 @@
   exempt from the per-IP cap); a refused connection is answered and closed by the caller.
 * :func:`in_networks` / :func:`is_loopback` classify a peer address; a UNIX socket (no IP)
   counts as loopback, never as a member of a network.
+* :class:`KeyedSemaphore` runs at most N calls at once per key (password checks per
+  client address, SMTP sessions per destination domain).
 
 All state is in memory, per process, touched only from the reactor thread.
 """
@@ -13,6 +15,8 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable
+
+from twisted.internet import defer
 
 
 def parse_networks(networks: Iterable[str]) -> tuple[ipaddress._BaseNetwork, ...]:
@@ -65,3 +69,32 @@ class ConnectionLimiter:
         self._per_ip[host] -= 1
         if self._per_ip[host] <= 0:
             del self._per_ip[host]
+
+
+class KeyedSemaphore:
+    """At most ``limit`` calls in progress per key; the others wait their turn.
+
+    A key's semaphore is dropped as soon as nothing runs or waits under it, so the table
+    holds only the keys in use, however many keys go by.
+    """
+
+    def __init__(self, limit: int):
+        self._limit = limit
+        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+
+    def run(self, key: str, f, *args) -> defer.Deferred:
+        """``f(*args)`` (a Deferred, coroutine or value) once ``key`` has a free slot."""
+        semaphore = self._semaphores.get(key)
+        if semaphore is None:
+            semaphore = self._semaphores[key] = defer.DeferredSemaphore(self._limit)
+        return semaphore.run(f, *args).addBoth(self._forget_if_idle, key, semaphore)
+
+    def _forget_if_idle(self, result, key: str, semaphore: defer.DeferredSemaphore):
+        idle = semaphore.tokens == semaphore.limit and not semaphore.waiting
+        if idle and self._semaphores.get(key) is semaphore:
+            del self._semaphores[key]
+        return result
+
+    def __len__(self) -> int:
+        """How many keys have calls in progress or waiting."""
+        return len(self._semaphores)

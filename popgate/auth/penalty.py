@@ -35,7 +35,7 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass, field
 
-from twisted.internet import defer
+from popgate.limits import KeyedSemaphore
 
 CHECKS_PER_ADDRESS = 2  # password checks in progress at once for one client address
 FREE_NAMES = 4  # distinct failing user names an address may have before it is slowed
@@ -152,7 +152,7 @@ class AuthPenalty:
                     del table[key]
 
 
-class ChecksPerAddress:
+class ChecksPerAddress(KeyedSemaphore):
     """Bounds the password checks in progress for each client address.
 
     Password hashing runs in a small, first-come-first-served thread pool.  Unbounded,
@@ -163,21 +163,4 @@ class ChecksPerAddress:
     """
 
     def __init__(self, limit: int = CHECKS_PER_ADDRESS):
-        self._limit = limit
-        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
-
-    def run(self, host: str, check, *args) -> defer.Deferred:
-        semaphore = self._semaphores.get(host)
-        if semaphore is None:
-            semaphore = self._semaphores[host] = defer.DeferredSemaphore(self._limit)
-        return semaphore.run(check, *args).addBoth(self._forget_if_idle, host, semaphore)
-
-    def _forget_if_idle(self, result, host: str, semaphore: defer.DeferredSemaphore):
-        idle = semaphore.tokens == semaphore.limit and not semaphore.waiting
-        if idle and self._semaphores.get(host) is semaphore:
-            del self._semaphores[host]
-        return result
-
-    def __len__(self) -> int:
-        """How many addresses have checks in progress."""
-        return len(self._semaphores)
+        super().__init__(limit)

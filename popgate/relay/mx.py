@@ -38,6 +38,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns, error
 
+from popgate.limits import KeyedSemaphore
 from popgate.relay.client import Smarthost, SmarthostError
 
 log = Logger()
@@ -117,35 +118,24 @@ class MXSender:
         self.tls = tls
         self.helo = helo
         self.is_own = is_own
-        self.per_domain = max_connections_per_domain
         self._total = defer.DeferredSemaphore(max_connections)
-        self._domains: dict[str, defer.DeferredSemaphore] = {}
+        self._domains = KeyedSemaphore(max_connections_per_domain)
 
     def __call__(self, sender: str, recipients: list[str], message: bytes) -> defer.Deferred:
         groups: dict[str, list[str]] = {}
         for recipient in recipients:
             groups.setdefault(domain_of(recipient), []).append(recipient)
-        sends = [defer.ensureDeferred(self._bounded(domain, sender, rcpts, message))
+        sends = [self._bounded(domain, sender, rcpts, message)
                  for domain, rcpts in groups.items()]
         d = defer.gatherResults(sends, consumeErrors=True)
         return d.addCallback(lambda parts: {k: v for part in parts for k, v in part.items()})
 
-    async def _bounded(self, domain: str, sender: str, recipients: list[str],
-                       message: bytes) -> dict[str, tuple[int, str]]:
-        semaphore = self._domains.get(domain)
-        if semaphore is None:
-            semaphore = self._domains[domain] = defer.DeferredSemaphore(self.per_domain)
-        await semaphore.acquire()
-        try:
-            await self._total.acquire()
-            try:
-                return await self._send(domain, sender, recipients, message)
-            finally:
-                self._total.release()
-        finally:
-            semaphore.release()
-            if semaphore.tokens == semaphore.limit and not semaphore.waiting:
-                self._domains.pop(domain, None)
+    def _bounded(self, domain: str, sender: str, recipients: list[str],
+                 message: bytes) -> defer.Deferred:
+        # The domain's slot first, then one of the total: a busy domain does not hold
+        # total slots while it waits for its own.
+        return self._domains.run(domain, self._total.run, self._send, domain, sender,
+                                 recipients, message)
 
     async def _send(self, domain: str, sender: str, recipients: list[str],
                     message: bytes) -> dict[str, tuple[int, str]]:
